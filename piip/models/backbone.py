@@ -58,10 +58,15 @@ class PIIPBackbone(nn.Module):
         final_dims = [b.dim for b in self.branches]
         self.merge = BranchMerge(config.merge, final_dims) if self._merges else None
         self.intermediate_merges = nn.ModuleList(
-            BranchMerge(config.merge, [dims[i] for dims in stage_dims]) for i in config.out_interaction_indexes
+            BranchMerge(config.merge, [dims[i] for dims in stage_dims])
+            for i in (config.out_interaction_indexes if self._merges else [])
         )
         self.pyramid = self._build_pyramid(config, stage_dims) if config.head == "pyramid" else None
         self.classifier = self._build_classifier(config, final_dims) if config.head == "classification" else None
+        if isinstance(self.classifier, BranchClassifier) and config.classifier_token == "cls":
+            missing = [b.name for b in self.branches if not b.has_cls_token]
+            if missing:
+                raise ConfigError(f"model.classifier_token=cls: branches {missing} have no cls token")
         self.grad_checkpointing = False
         self.init_new_weights()
 
@@ -175,8 +180,9 @@ class PIIPBackbone(nn.Module):
             for k, unit in enumerate(self.interactions[i]):
                 states[k], states[k + 1] = self._interact(unit, states[k], states[k + 1])
             if i in self.config.out_interaction_indexes:
-                merge = self.intermediate_merges[self.config.out_interaction_indexes.index(i)]
-                intermediates.append(merge([s.x.permute(0, 3, 1, 2) for s in states]))
+                maps = [s.x.permute(0, 3, 1, 2) for s in states]
+                j = self.config.out_interaction_indexes.index(i)
+                intermediates.append(self.intermediate_merges[j](maps) if self._merges else maps[-1])
         maps = [s.x.permute(0, 3, 1, 2) for s in states]
         out = PIIPOutput(branch_maps=maps, cls_tokens=[s.prefix for s in states])
         out.features = self.merge(maps) if self.merge is not None else maps[-1]

@@ -247,8 +247,7 @@ class BeitBranch(ViTBranch):
     timm_filter = staticmethod(timm.models.beit.checkpoint_filter_fn)
 
     def __init__(self, spec: BranchSpec, *, use_cls_token: bool = False, **kwargs) -> None:
-        if use_cls_token:
-            raise ConfigError(f"branch {spec.name}: BEiT branches support dense tasks only (no cls token)")
+        # Dense tasks only: relative position bias is defined on the patch grid, so the cls token is not used.
         super().__init__(spec, use_cls_token=False, **kwargs)
 
 
@@ -258,10 +257,8 @@ class ConvNeXtBranch(Branch):
 
     has_cls_token = False
 
-    def __init__(self, spec: BranchSpec, *, use_cls_token: bool = False, **_: object) -> None:
+    def __init__(self, spec: BranchSpec, **_: object) -> None:
         super().__init__(spec)
-        if use_cls_token:
-            raise ConfigError(f"branch {spec.name}: ConvNeXt branches have no cls token")
         kwargs = dict(num_classes=0, drop_path_rate=spec.drop_path_rate)
         kwargs.update(spec.timm_kwargs)
         model = timm.create_model(spec.timm_model, pretrained=False, **kwargs)

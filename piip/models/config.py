@@ -88,7 +88,7 @@ class PIIPConfig:
     classifier: Literal["merged", "per_branch"] = "merged"
     classifier_token: Literal["cls", "first_patch"] = "cls"
     num_classes: int = 1000
-    use_cls_token: bool = False
+    use_cls_token: bool = False  # branches that have a cls token carry it through their blocks
     pos_embed_at_resolution: bool = False  # size each pos-embed at the branch resolution (paper FLOP twin)
     attention_backend: Literal["sdpa", "flash"] = "sdpa"
     layer_decay_num_layers: int | None = None  # default: depth of the largest branch

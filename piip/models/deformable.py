@@ -87,7 +87,8 @@ class DeformableAttention(nn.Module):
         feat_grid: tuple[int, int],
     ) -> torch.Tensor:
         """query (B, Hq*Wq, dim), feat (B, Hk*Wk, dim_feat) -> (B, Hq*Wq, dim) in float32."""
-        with torch.autocast(query.device.type, enabled=False):
+        device_type = "cpu" if query.device.type == "meta" else query.device.type
+        with torch.autocast(device_type, enabled=False):
             linear = lambda layer, x: F.linear(x.float(), layer.weight.float(), layer.bias.float())
             B, Nq, _ = query.shape
             h, P = self.num_heads, self.num_points
