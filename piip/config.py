@@ -92,6 +92,6 @@ def paper_protocol(cfg: DictConfig) -> str:
 
 def model_config(model: str, task: str = "coco", resolution: str | None = None, **overrides: Any) -> PIIPConfig:
     """`PIIPConfig` of a preset, e.g. `model_config("piip_sbl", task="coco", resolution="1568_896_672")`."""
-    args = [f"model={model}", f"task={task}"] + ([f"resolution={resolution}"] if resolution else [])
+    args = [f"model={model}", f"task={task}"] + ([f"resolution='{resolution}'"] if resolution else [])
     args += [f"model.{k}={v}" for k, v in overrides.items()]
     return PIIPConfig.from_dict(backbone_dict(compose("flops", args)))
