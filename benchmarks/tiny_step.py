@@ -1,6 +1,6 @@
 """Forward + backward time of `piip_tiny` on CPU (prints figures; nothing is asserted).
 
-    python benchmarks/tiny_step.py [--task coco] [--batch 2] [--steps 20]
+python benchmarks/tiny_step.py [--task coco] [--batch 2] [--steps 20]
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import time
 
 import torch
 
-from piip.models import PIIPBackbone
 from piip.config import model_config
+from piip.models import PIIPBackbone
 
 
 def main() -> None:
@@ -35,10 +35,14 @@ def main() -> None:
         if step >= 3:  # warm-up
             times.append(time.perf_counter() - start)
     params = sum(p.numel() for p in model.parameters())
-    print(f"piip_tiny task={args.task} input {args.batch}x3x{size}x{size}, {params / 1e6:.2f} M params, "
-          f"{torch.get_num_threads()} threads")
-    print(f"forward+backward: median {1000 * statistics.median(times):.1f} ms, "
-          f"min {1000 * min(times):.1f} ms over {args.steps} steps")
+    print(
+        f"piip_tiny task={args.task} input {args.batch}x3x{size}x{size}, {params / 1e6:.2f} M params, "
+        f"{torch.get_num_threads()} threads"
+    )
+    print(
+        f"forward+backward: median {1000 * statistics.median(times):.1f} ms, "
+        f"min {1000 * min(times):.1f} ms over {args.steps} steps"
+    )
 
 
 if __name__ == "__main__":

@@ -51,9 +51,13 @@ def backbone_dict(cfg: DictConfig) -> dict[str, Any]:
     resolution = cfg.get("resolution")
     if resolution is not None:
         data["resolutions"] = list(resolution.sizes)
-    branch_keys = sorted((k for k in data if k.startswith("branch") and k[6:].isdigit()), key=lambda k: int(k[6:]))
+    branch_keys = sorted(
+        (k for k in data if k.startswith("branch") and k[6:].isdigit()), key=lambda k: int(k[6:])
+    )
     if [int(k[6:]) for k in branch_keys] != list(range(len(branch_keys))):
-        raise ConfigError(f"model {model.get('name')}: branches must be named branch0..branchN-1, got {branch_keys}")
+        raise ConfigError(
+            f"model {model.get('name')}: branches must be named branch0..branchN-1, got {branch_keys}"
+        )
     data["branches"] = [data.pop(k) for k in branch_keys]
     if data.get("resolutions") is None:
         raise ConfigError(
@@ -77,8 +81,14 @@ def paper_twin_dict(cfg: DictConfig) -> dict[str, Any]:
         data.update(pos_embed_at_resolution=True)
     elif protocol == "twin":
         many = len(data["branches"]) > 1
-        data.update(merge="classification" if many else "none", head="classification", classifier="merged",
-                    num_classes=1000, pos_embed_at_resolution=True, out_interaction_indexes=[])
+        data.update(
+            merge="classification" if many else "none",
+            head="classification",
+            classifier="merged",
+            num_classes=1000,
+            pos_embed_at_resolution=True,
+            out_interaction_indexes=[],
+        )
     elif protocol in ("backbone", "encoder"):
         data.update(head="none")
     else:
@@ -90,7 +100,9 @@ def paper_protocol(cfg: DictConfig) -> str:
     return cfg.model.get("paper_protocol", "twin")
 
 
-def model_config(model: str, task: str = "coco", resolution: str | None = None, **overrides: Any) -> PIIPConfig:
+def model_config(
+    model: str, task: str = "coco", resolution: str | None = None, **overrides: Any
+) -> PIIPConfig:
     """`PIIPConfig` of a preset, e.g. `model_config("piip_sbl", task="coco", resolution="1568_896_672")`."""
     args = [f"model={model}", f"task={task}"] + ([f"resolution='{resolution}'"] if resolution else [])
     args += [f"model.{k}={v}" for k, v in overrides.items()]

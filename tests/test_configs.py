@@ -12,7 +12,12 @@ from piip.cli import quote_resolution_overrides
 from piip.config import CONF_DIR, backbone_dict, compose, model_config
 from piip.models import ConfigError, PIIPBackbone, PIIPConfig
 
-TASK_OF_KIND = {"detection": "coco", "segmentation": "ade20k", "classification": "imagenet", "multimodal": "llava"}
+TASK_OF_KIND = {
+    "detection": "coco",
+    "segmentation": "ade20k",
+    "classification": "imagenet",
+    "multimodal": "llava",
+}
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 
 
@@ -75,14 +80,20 @@ def test_unknown_resolution_and_field_errors_name_the_problem():
     with pytest.raises(ConfigError, match="model.resolutions"), torch.device("meta"):
         PIIPBackbone(model_config("piip_tsb", task="coco", resolution="1024_512"))
     with pytest.raises(ConfigError, match="unknown field"):
-        PIIPConfig.from_dict({"branches": [{"name": "x", "family": "vit", "timm_model": "test_vit", "depthh": 3}],
-                              "resolutions": [64]})
+        PIIPConfig.from_dict(
+            {
+                "branches": [{"name": "x", "family": "vit", "timm_model": "test_vit", "depthh": 3}],
+                "resolutions": [64],
+            }
+        )
 
 
 def test_flops_cli_prints_json():
     out = subprocess.run(
         [sys.executable, "-m", "piip.tools.flops", "model=piip_tiny", "task=coco", "format=json"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     report = json.loads(out.strip().splitlines()[-1])
     assert set(report) == {"params_m", "gflops", "paper_params_m", "paper_gflops"}

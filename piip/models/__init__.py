@@ -5,6 +5,15 @@ from piip.models.branches import BRANCH_FAMILIES, Branch, BranchState, build_bra
 from piip.models.config import BranchSpec, ConfigError, InteractionConfig, PIIPConfig, WindowConfig
 
 __all__ = [
-    "BRANCH_FAMILIES", "Branch", "BranchSpec", "BranchState", "ConfigError", "InteractionConfig",
-    "PIIPBackbone", "PIIPConfig", "PIIPOutput", "WindowConfig", "build_branch",
+    "BRANCH_FAMILIES",
+    "Branch",
+    "BranchSpec",
+    "BranchState",
+    "ConfigError",
+    "InteractionConfig",
+    "PIIPBackbone",
+    "PIIPConfig",
+    "PIIPOutput",
+    "WindowConfig",
+    "build_branch",
 ]

@@ -84,7 +84,9 @@ class GridAttention(nn.Module):
         if backend not in ("sdpa", "flash"):
             raise ValueError(f"attention backend must be 'sdpa' or 'flash', got {backend!r}")
         if backend == "flash" and rel_pos_window is not None:
-            raise ValueError("the flash attention backend cannot add a relative position bias (BEiT): use 'sdpa'")
+            raise ValueError(
+                "the flash attention backend cannot add a relative position bias (BEiT): use 'sdpa'"
+            )
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.qk_norm_mode: QKNorm = qk_norm
         self.window_size, self.window_pad, self.backend = window_size, window_pad, backend
@@ -166,17 +168,22 @@ class GridAttention(nn.Module):
             out = flash_attn_func(q, k, v, dropout_p=dropout)
         else:
             out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                attn_mask=None if bias is None else bias.to(q.dtype), dropout_p=dropout,
+                q.transpose(1, 2),
+                k.transpose(1, 2),
+                v.transpose(1, 2),
+                attn_mask=None if bias is None else bias.to(q.dtype),
+                dropout_p=dropout,
             ).transpose(1, 2)
         return out.reshape(B, N, self.dim)
 
     # -- forward ------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, **_: object) -> torch.Tensor:
-        """`x`: (B, H, W, C) grid or (B, N, C) sequence; extra keyword arguments of timm blocks are ignored."""
+        """`x`: a (B, H, W, C) grid or a (B, N, C) sequence; other timm block arguments are ignored."""
         if x.ndim == 3:
             if self.window_size is not None:
-                raise ValueError("window attention needs a token grid; prefix (cls) tokens only attend globally")
+                raise ValueError(
+                    "window attention needs a token grid; prefix (cls) tokens only attend globally"
+                )
             return self.proj_drop(self.proj(self._attend(self._project_qkv(x), None)))
         B, H, W, C = x.shape
         w = self.window_size

@@ -47,7 +47,10 @@ class PIIPBackbone(nn.Module):
         self.stage_ranges = self._stage_ranges(config)
         self.num_interactions = len(self.stage_ranges[0])
         _check_widths(config, self)
-        stage_dims = [[b.dims[end] for _, end in ranges] for b, ranges in zip(self.branches, self.stage_ranges)]
+        stage_dims = [
+            [b.dims[end] for _, end in ranges]
+            for b, ranges in zip(self.branches, self.stage_ranges, strict=True)
+        ]
         self.interactions = nn.ModuleList(
             nn.ModuleList(
                 BidirectionalInteraction(stage_dims[k][i], stage_dims[k + 1][i], config.interaction)
@@ -62,7 +65,9 @@ class PIIPBackbone(nn.Module):
             for i in (config.out_interaction_indexes if self._merges else [])
         )
         self.pyramid = self._build_pyramid(config, stage_dims) if config.head == "pyramid" else None
-        self.classifier = self._build_classifier(config, final_dims) if config.head == "classification" else None
+        self.classifier = (
+            self._build_classifier(config, final_dims) if config.head == "classification" else None
+        )
         if isinstance(self.classifier, BranchClassifier) and config.classifier_token == "cls":
             missing = [b.name for b in self.branches if not b.has_cls_token]
             if missing:
@@ -92,9 +97,9 @@ class PIIPBackbone(nn.Module):
             ranges.append([tuple(pair) for pair in indexes])
         counts = {len(r) for r in ranges}
         if len(counts) > 1:
-            detail = ", ".join(f"{b.name}: {len(r)}" for b, r in zip(self.branches, ranges))
+            detail = ", ".join(f"{b.name}: {len(r)}" for b, r in zip(self.branches, ranges, strict=True))
             raise ConfigError(
-                f"model interaction_indexes: every branch needs the same number of interaction stages ({detail})"
+                f"model interaction_indexes: every branch needs the same number of stages ({detail})"
             )
         return ranges
 
@@ -118,7 +123,9 @@ class PIIPBackbone(nn.Module):
         try:
             return PyramidTaps(strides, channels)
         except ValueError as err:
-            raise ConfigError(f"model.head=pyramid: branch {branch0.name} outputs strides {strides}: {err}") from err
+            raise ConfigError(
+                f"model.head=pyramid: branch {branch0.name} outputs strides {strides}: {err}"
+            ) from err
 
     @staticmethod
     def _build_classifier(config: PIIPConfig, dims: list[int]) -> nn.Module:
@@ -141,7 +148,9 @@ class PIIPBackbone(nn.Module):
                     nn.init.ones_(module.weight)
                     nn.init.zeros_(module.bias)
                 elif isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
-                    fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels // module.groups
+                    fan_out = (
+                        module.kernel_size[0] * module.kernel_size[1] * module.out_channels // module.groups
+                    )
                     module.weight.normal_(0, (2.0 / fan_out) ** 0.5)
                     if module.bias is not None:
                         nn.init.zeros_(module.bias)
@@ -150,7 +159,9 @@ class PIIPBackbone(nn.Module):
                     module.reset_parameters()
 
     @classmethod
-    def from_preset(cls, model: str, task: str = "coco", resolution: str | None = None, **overrides) -> PIIPBackbone:
+    def from_preset(
+        cls, model: str, task: str = "coco", resolution: str | None = None, **overrides
+    ) -> PIIPBackbone:
         """Build a released configuration by name, e.g. `PIIPBackbone.from_preset("piip_sbl", "coco")`."""
         from piip.config import model_config
 
@@ -169,14 +180,19 @@ class PIIPBackbone(nn.Module):
     def forward(self, images: torch.Tensor) -> PIIPOutput:
         """`images`: (B, 3, H, W) at the highest branch resolution."""
         states = []
-        for branch, size in zip(self.branches, self.branch_sizes(*images.shape[-2:])):
-            x = images if size == tuple(images.shape[-2:]) else F.interpolate(
-                images, size=size, mode="bilinear", align_corners=False
+        for branch, size in zip(self.branches, self.branch_sizes(*images.shape[-2:]), strict=True):
+            x = (
+                images
+                if size == tuple(images.shape[-2:])
+                else F.interpolate(images, size=size, mode="bilinear", align_corners=False)
             )
             states.append(branch.embed(x))
         intermediates = []
         for i in range(self.num_interactions):
-            states = [b.forward_blocks(s, *r[i]) for b, s, r in zip(self.branches, states, self.stage_ranges)]
+            states = [
+                b.forward_blocks(s, *r[i])
+                for b, s, r in zip(self.branches, states, self.stage_ranges, strict=True)
+            ]
             for k, unit in enumerate(self.interactions[i]):
                 states[k], states[k + 1] = self._interact(unit, states[k], states[k + 1])
             if i in self.config.out_interaction_indexes:
@@ -221,9 +237,14 @@ class PIIPBackbone(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         names = {f"branches.{k}.{n}" for k, b in enumerate(self.branches) for n in b.no_weight_decay()}
-        names |= {n for n, _ in self.named_parameters() if n.endswith(("ca_gamma", "cffn_gamma", "merge.weights"))}
-        names |= {n for n, _ in self.intermediate_merges.named_parameters(prefix="intermediate_merges")
-                  if n.endswith("weights")}
+        names |= {
+            n for n, _ in self.named_parameters() if n.endswith(("ca_gamma", "cffn_gamma", "merge.weights"))
+        }
+        names |= {
+            n
+            for n, _ in self.intermediate_merges.named_parameters(prefix="intermediate_merges")
+            if n.endswith("weights")
+        }
         return names
 
     @property
@@ -268,7 +289,7 @@ def _check_branch_settings(config: PIIPConfig) -> None:
             f"model.resolutions {list(config.resolutions)}: expected the highest resolution first "
             f"(branch order is smallest model / highest resolution first: {names})"
         )
-    for k, (spec, res) in enumerate(zip(config.branches, config.resolutions)):
+    for k, (spec, res) in enumerate(zip(config.branches, config.resolutions, strict=True)):
         unit = 32 if spec.family == "convnext" else spec.patch_size
         if res % unit:
             raise ConfigError(
@@ -285,17 +306,19 @@ def _check_branch_settings(config: PIIPConfig) -> None:
     if config.merge != "regular_fpn" and config.out_interaction_indexes:
         raise ConfigError("model.out_interaction_indexes is only used with merge=regular_fpn")
     if config.head == "pyramid" and config.merge not in ("simple_fpn", "regular_fpn") and n > 1:
-        raise ConfigError(f"model.head=pyramid needs merge=simple_fpn or regular_fpn, got merge={config.merge}")
-    if config.head == "classification" and config.classifier == "per_branch" and config.classifier_token == "cls":
-        if not config.use_cls_token:
-            raise ConfigError("model.classifier=per_branch with classifier_token=cls needs use_cls_token=true")
+        raise ConfigError(
+            f"model.head=pyramid needs merge=simple_fpn or regular_fpn, got merge={config.merge}"
+        )
+    per_branch_cls = config.head == "classification" and config.classifier == "per_branch"
+    if per_branch_cls and config.classifier_token == "cls" and not config.use_cls_token:
+        raise ConfigError("model.classifier=per_branch with classifier_token=cls needs use_cls_token=true")
 
 
 def _check_widths(config: PIIPConfig, backbone: PIIPBackbone) -> None:
     """Every width must suit GroupNorm(32) and the deformable heads before any module is built."""
     heads, ratio = config.interaction.num_heads, config.interaction.ratio
     if config.num_branches > 1:
-        for branch, ranges in zip(backbone.branches, backbone.stage_ranges):
+        for branch, ranges in zip(backbone.branches, backbone.stage_ranges, strict=True):
             for _, end in ranges:
                 dim = branch.dims[end]
                 if dim % heads or int(dim * ratio) % heads:
@@ -305,9 +328,11 @@ def _check_widths(config: PIIPConfig, backbone: PIIPBackbone) -> None:
                     )
     uses_group_norm = (config.num_branches > 1 and config.merge != "none") or config.head == "pyramid"
     if uses_group_norm:
-        dims = {b.name: b.dim for b in backbone.branches} if config.merge == "classification" else {
-            backbone.branches[-1].name: backbone.branches[-1].dim
-        }
+        dims = (
+            {b.name: b.dim for b in backbone.branches}
+            if config.merge == "classification"
+            else {backbone.branches[-1].name: backbone.branches[-1].dim}
+        )
         for i in config.out_interaction_indexes:
             end = backbone.stage_ranges[-1][i][1] if i < len(backbone.stage_ranges[-1]) else None
             if end is None:

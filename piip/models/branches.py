@@ -138,10 +138,14 @@ class ViTBranch(Branch):
             raise ConfigError(f"branch {spec.name}: window attention cannot be combined with a cls token")
         self.patch_embed = model.patch_embed
         self.pos_embed = model.pos_embed
-        self.num_pos_prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
+        self.num_pos_prefix = (
+            0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
+        )
         self.has_cls_token = use_cls_token
         if use_cls_token and model.cls_token is None:
-            raise ConfigError(f"branch {spec.name}: use_cls_token is set but {spec.timm_model} has no cls token")
+            raise ConfigError(
+                f"branch {spec.name}: use_cls_token is set but {spec.timm_model} has no cls token"
+            )
         self.cls_token = model.cls_token if use_cls_token else None
         self.norm_pre = getattr(model, "norm_pre", None) or nn.Identity()
         self.blocks = model.blocks
@@ -153,14 +157,20 @@ class ViTBranch(Branch):
         self.strides = [spec.patch_size] * depth
 
     def _create_timm(self, spec: BranchSpec, img_size: int) -> nn.Module:
-        kwargs = dict(img_size=img_size, patch_size=spec.patch_size, num_classes=0, norm_layer=_norm_layer(spec))
+        kwargs = dict(
+            img_size=img_size, patch_size=spec.patch_size, num_classes=0, norm_layer=_norm_layer(spec)
+        )
         kwargs.update(spec.timm_kwargs)
         return timm.create_model(spec.timm_model, pretrained=False, **kwargs)
 
     def _adapt_block(self, block: nn.Module, window: int | None, drop_path: float, backend: str) -> None:
         block.attn = GridAttention.from_timm(
-            block.attn, window_size=window, window_pad=self.spec.window_pad, backend=backend,
-            qk_norm=self.spec.qk_norm, norm_layer=_norm_layer(self.spec),
+            block.attn,
+            window_size=window,
+            window_pad=self.spec.window_pad,
+            backend=backend,
+            qk_norm=self.spec.qk_norm,
+            norm_layer=_norm_layer(self.spec),
         )
         block.attn.num_prefix_tokens = 1 if self.has_cls_token else 0
         block.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -206,7 +216,9 @@ class ViTBranch(Branch):
 
     def no_weight_decay(self) -> set[str]:
         names = {"pos_embed", "cls_token"}
-        names |= {n for n, _ in self.named_parameters() if n.endswith(("relative_position_bias_table", "gamma"))}
+        names |= {
+            n for n, _ in self.named_parameters() if n.endswith(("relative_position_bias_table", "gamma"))
+        }
         return names
 
     def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -227,7 +239,9 @@ class ViTBranch(Branch):
         tokens = pos.shape[1]
         prefix = next((p for p in (0, 1, 2, 4, 5) if _is_square(tokens - p)), None)
         if prefix is None:
-            raise ValueError(f"branch {self.name}: cannot read a square grid from pos_embed of {tokens} tokens")
+            raise ValueError(
+                f"branch {self.name}: cannot read a square grid from pos_embed of {tokens} tokens"
+            )
         side = int((tokens - prefix) ** 0.5)
         grid = _resample_grid(pos[:, prefix:].reshape(1, side, side, -1), self.pos_embed_grid).flatten(1, 2)
         if self.num_pos_prefix:

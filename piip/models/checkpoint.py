@@ -79,30 +79,43 @@ def read_state_dict(path: str | Path) -> StateDict:
 def load_branch_checkpoint(branch: Branch, path: str | Path | None) -> LoadReport:
     """Load `path` into `branch`; shape mismatches are errors, missing/unexpected keys are logged."""
     if path is None:
-        raise ValueError(f"branch {branch.name}: no pretrained checkpoint configured (branch.pretrained is null)")
+        raise ValueError(
+            f"branch {branch.name}: no pretrained checkpoint configured (branch.pretrained is null)"
+        )
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
             f"branch {branch.name}: pretrained checkpoint not found at {path}. Download "
-            f"{branch.spec.checkpoint_source or 'the file'} there (paths.pretrained_dir), or set the branch's "
-            f"`pretrained: null` to start from random weights."
+            f"{branch.spec.checkpoint_source or 'the file'} there (paths.pretrained_dir), or set the "
+            f"branch's `pretrained: null` to start from random weights."
         )
     fmt = branch.spec.checkpoint_format
     if fmt not in CHECKPOINT_FORMATS:
-        raise ValueError(f"branch {branch.name}: unknown checkpoint_format {fmt!r}; expected {sorted(CHECKPOINT_FORMATS)}")
+        raise ValueError(
+            f"branch {branch.name}: unknown checkpoint_format {fmt!r}; expected {sorted(CHECKPOINT_FORMATS)}"
+        )
     state_dict = branch.adapt_state_dict(CHECKPOINT_FORMATS[fmt](read_state_dict(path)))
     own = branch.state_dict()
     unexpected = sorted(k for k in state_dict if k not in own)
     loadable = {k: v for k, v in state_dict.items() if k in own}
-    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                  for k, v in loadable.items() if v.shape != own[k].shape]
+    mismatched = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in loadable.items()
+        if v.shape != own[k].shape
+    ]
     if mismatched:
-        raise ValueError(f"branch {branch.name}: {path} does not match the architecture:\n  " + "\n  ".join(mismatched))
+        raise ValueError(
+            f"branch {branch.name}: {path} does not match the architecture:\n  " + "\n  ".join(mismatched)
+        )
     result = branch.load_state_dict(loadable, strict=False)
     report = LoadReport(str(path), sorted(result.missing_keys), unexpected)
     log.info("branch %s: loaded %s (%d tensors)", branch.name, path, len(loadable))
     if report.missing:
-        log.warning("branch %s: %d keys not in checkpoint: %s", branch.name, len(report.missing), report.missing)
+        log.warning(
+            "branch %s: %d keys not in checkpoint: %s", branch.name, len(report.missing), report.missing
+        )
     if report.unexpected:
-        log.info("branch %s: %d checkpoint keys unused: %s", branch.name, len(report.unexpected), report.unexpected)
+        log.info(
+            "branch %s: %d checkpoint keys unused: %s", branch.name, len(report.unexpected), report.unexpected
+        )
     return report

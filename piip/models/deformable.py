@@ -65,7 +65,7 @@ class DeformableAttention(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Deformable DETR init: zero offset weights, per-head directions 1..P pixels away, uniform weights."""
+        """Deformable DETR init: zero offset weights, per-head directions 1..P pixels out, uniform weights."""
         nn.init.zeros_(self.sampling_offsets.weight)
         theta = torch.arange(self.num_heads, dtype=torch.float32) * (2 * math.pi / self.num_heads)
         directions = torch.stack([theta.cos(), theta.sin()], -1)

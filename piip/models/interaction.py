@@ -31,9 +31,13 @@ class CrossAttention(nn.Module):
         self.wv = nn.Linear(dim_feat, dim, bias=False)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, query: torch.Tensor, query_grid: Grid, feat: torch.Tensor, feat_grid: Grid) -> torch.Tensor:
+    def forward(
+        self, query: torch.Tensor, query_grid: Grid, feat: torch.Tensor, feat_grid: Grid
+    ) -> torch.Tensor:
         split = lambda t: t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
-        out = F.scaled_dot_product_attention(split(self.wq(query)), split(self.wk(feat)), split(self.wv(feat)))
+        out = F.scaled_dot_product_attention(
+            split(self.wq(query)), split(self.wk(feat)), split(self.wv(feat))
+        )
         return self.proj(out.transpose(1, 2).flatten(2))
 
 
@@ -70,14 +74,18 @@ class Injector(nn.Module):
         elif cfg.attn_type == "cross":
             self.attn = CrossAttention(dim, dim_feat, cfg.num_heads)
         else:
-            raise ValueError(f"model.interaction.attn_type: expected 'deform' or 'cross', got {cfg.attn_type!r}")
+            raise ValueError(
+                f"model.interaction.attn_type: expected 'deform' or 'cross', got {cfg.attn_type!r}"
+            )
         self.ca_gamma = nn.Parameter(torch.zeros(dim))
         self.ffn = ConvFFN(dim, int(dim * cfg.cffn_ratio)) if cfg.with_cffn else None
         self.ffn_norm = _norm(cfg, dim) if cfg.with_cffn else None
         self.cffn_gamma = nn.Parameter(torch.zeros(dim)) if cfg.with_cffn else None
         self.drop_path = DropPath(cfg.drop_path) if cfg.drop_path > 0 else nn.Identity()
 
-    def forward(self, query: torch.Tensor, query_grid: Grid, feat: torch.Tensor, feat_grid: Grid) -> torch.Tensor:
+    def forward(
+        self, query: torch.Tensor, query_grid: Grid, feat: torch.Tensor, feat_grid: Grid
+    ) -> torch.Tensor:
         attended = self.attn(self.query_norm(query), query_grid, self.feat_norm(feat), feat_grid)
         query = query + self.ca_gamma * attended.to(query.dtype)
         if self.ffn is not None:

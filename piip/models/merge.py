@@ -36,7 +36,9 @@ def merge_projection(kind: MergeKind, dim_in: int, dim_out: int, largest: bool) 
     if kind == "classification":
         if largest:
             return nn.GroupNorm(32, dim_in)
-        return nn.Sequential(nn.GroupNorm(32, dim_in), ChannelsLastLinear(dim_in, dim_out), nn.GroupNorm(32, dim_out))
+        return nn.Sequential(
+            nn.GroupNorm(32, dim_in), ChannelsLastLinear(dim_in, dim_out), nn.GroupNorm(32, dim_out)
+        )
     raise ValueError(f"model.merge: expected simple_fpn, regular_fpn or classification, got {kind!r}")
 
 

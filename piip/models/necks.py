@@ -20,7 +20,9 @@ def pyramid_tap(in_stride: int, out_stride: int, channels: int) -> nn.Module:
         return nn.ConvTranspose2d(channels, channels, 2, 2)
     if in_stride == 4 * out_stride:
         return nn.Sequential(
-            nn.ConvTranspose2d(channels, channels, 2, 2), nn.GroupNorm(32, channels), nn.GELU(),
+            nn.ConvTranspose2d(channels, channels, 2, 2),
+            nn.GroupNorm(32, channels),
+            nn.GELU(),
             nn.ConvTranspose2d(channels, channels, 2, 2),
         )
     if out_stride % in_stride == 0:

@@ -30,8 +30,13 @@ from piip.models.deformable import DeformableAttention
 from piip.models.interaction import CrossAttention
 
 aten = torch.ops.aten
-_ATTENTION_OPS = [aten.bmm, aten.baddbmm, aten._scaled_dot_product_efficient_attention,
-                  aten._scaled_dot_product_flash_attention, aten._scaled_dot_product_cudnn_attention]
+_ATTENTION_OPS = [
+    aten.bmm,
+    aten.baddbmm,
+    aten._scaled_dot_product_efficient_attention,
+    aten._scaled_dot_product_flash_attention,
+    aten._scaled_dot_product_cudnn_attention,
+]
 
 
 @dataclass
@@ -60,7 +65,9 @@ def _numel(t: torch.Tensor) -> int:
     return int(t.numel())
 
 
-def paper_module_macs(module: nn.Module, inputs: tuple, output: object, deform_queries: int | None = None) -> int:
+def paper_module_macs(
+    module: nn.Module, inputs: tuple, output: object, deform_queries: int | None = None
+) -> int:
     """What the paper's counter adds for one module call beyond Linear/Conv MACs."""
     kind = type(module)
     x = inputs[0] if inputs else None
@@ -75,7 +82,7 @@ def paper_module_macs(module: nn.Module, inputs: tuple, output: object, deform_q
         return _numel(output)
     if isinstance(module, GridAttention):
         n = x.shape[1] * x.shape[2] if x.ndim == 4 else x.shape[1] - module.num_prefix_tokens
-        span = module.window_size ** 2 if module.window_size else n
+        span = module.window_size**2 if module.window_size else n
         return 2 * x.shape[0] * n * span * module.dim
     if isinstance(module, DeformableAttention):
         queries = deform_queries if deform_queries is not None else x.shape[0] * x.shape[1]
@@ -89,8 +96,10 @@ def paper_module_macs(module: nn.Module, inputs: tuple, output: object, deform_q
 @contextmanager
 def _hooks(model: nn.Module, fn: Callable[[nn.Module, tuple, object], int]) -> Iterator[list[int]]:
     total = [0]
-    handles = [m.register_forward_hook(lambda m, i, o: total.__setitem__(0, total[0] + fn(m, i, o)))
-               for m in model.modules()]
+    handles = [
+        m.register_forward_hook(lambda m, i, o: total.__setitem__(0, total[0] + fn(m, i, o)))
+        for m in model.modules()
+    ]
     try:
         yield total
     finally:
@@ -100,8 +109,11 @@ def _hooks(model: nn.Module, fn: Callable[[nn.Module, tuple, object], int]) -> I
 
 def _first_interaction_rule(model: nn.Module) -> Callable[[nn.Module, tuple, object], int]:
     """Paper extras where each deformable attention counts the queries its role had in interaction 0."""
-    roles = {m: re.sub(r"^interactions\.\d+\.", "", name) for name, m in model.named_modules()
-             if isinstance(m, DeformableAttention)}
+    roles = {
+        m: re.sub(r"^interactions\.\d+\.", "", name)
+        for name, m in model.named_modules()
+        if isinstance(m, DeformableAttention)
+    }
     first_queries: dict[str, int] = {}
 
     def rule(module: nn.Module, inputs: tuple, output: object) -> int:
@@ -114,7 +126,10 @@ def _first_interaction_rule(model: nn.Module) -> Callable[[nn.Module, tuple, obj
 
 
 def count(
-    model: nn.Module, images: torch.Tensor, protocol: str = "actual", deform_grid_of_first_interaction: bool = False
+    model: nn.Module,
+    images: torch.Tensor,
+    protocol: str = "actual",
+    deform_grid_of_first_interaction: bool = False,
 ) -> Complexity:
     """Trainable parameters and forward multiply-accumulates of `model(images)`."""
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)

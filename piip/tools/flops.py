@@ -33,7 +33,9 @@ def measure(data: dict, protocol: str, deform_grid_of_first_interaction: bool = 
 
 def paper_count(cfg: DictConfig) -> Complexity:
     """The paper protocol; LLaVA encoders follow the LLaVA script's deformable-grid rule."""
-    return measure(paper_twin_dict(cfg), "paper", deform_grid_of_first_interaction=paper_protocol(cfg) == "encoder")
+    return measure(
+        paper_twin_dict(cfg), "paper", deform_grid_of_first_interaction=paper_protocol(cfg) == "encoder"
+    )
 
 
 def flops_report(cfg: DictConfig) -> dict[str, float]:

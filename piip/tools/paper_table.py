@@ -73,8 +73,12 @@ ROWS: list[PaperRow] = [
     PaperRow("LLaVA", "piip_llava_clip_bl_512_448", "llava", "512_448", None, 422),
     PaperRow("LLaVA", "piip_llava_cnxb_clipl_1024_336", "llava", "1024_336", None, 598),
     PaperRow("LLaVA", "piip_llava_cnxl_clipl_1024_336", "llava", "1024_336", None, 1037),
-    PaperRow("LLaVA", "piip_llava_cnxb_clipl_1024_336_13b", "llava", "1024_336", None, 598, README_13B_NOTE, 732),
-    PaperRow("LLaVA", "piip_llava_cnxl_clipl_1024_336_13b", "llava", "1024_336", None, 1037, README_13B_NOTE, 1214),
+    PaperRow(
+        "LLaVA", "piip_llava_cnxb_clipl_1024_336_13b", "llava", "1024_336", None, 598, README_13B_NOTE, 732
+    ),
+    PaperRow(
+        "LLaVA", "piip_llava_cnxl_clipl_1024_336_13b", "llava", "1024_336", None, 1037, README_13B_NOTE, 1214
+    ),
 ]
 
 
@@ -92,15 +96,20 @@ def relative_error(ours: float, paper: float) -> float:
 
 
 def main() -> None:
-    print("| table | model | task | resolution | #Param ours / paper (M) | #FLOPs ours / paper (G) | Δ FLOPs |")
+    print(
+        "| table | model | task | resolution | #Param ours / paper (M) | #FLOPs ours / paper (G) | Δ FLOPs |"
+    )
     print("|---|---|---|---|---|---|---|")
     for row in ROWS:
         params, gflops = count_row(row)
         paper_params = f"{row.params_m:g}" if row.params_m is not None else "–"
         delta = 100 * (gflops - row.expected_gflops) / row.expected_gflops
         note = f" vs recount {row.protocol_gflops:g} ({row.note})" if row.protocol_gflops else ""
-        print(f"| {row.table} | {row.model} | {row.task} | {row.resolution.replace('_', '/')} | "
-              f"{params:.1f} / {paper_params} | {gflops:.1f} / {row.gflops:g} | {delta:+.2f} %{note} |", flush=True)
+        print(
+            f"| {row.table} | {row.model} | {row.task} | {row.resolution.replace('_', '/')} | "
+            f"{params:.1f} / {paper_params} | {gflops:.1f} / {row.gflops:g} | {delta:+.2f} %{note} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
