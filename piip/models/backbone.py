@@ -168,8 +168,19 @@ class PIIPBackbone(nn.Module):
         return cls(model_config(model, task=task, resolution=resolution, **overrides))
 
     def load_pretrained(self) -> dict[str, LoadReport]:
-        """Load every branch whose spec names a pretrained file."""
-        return {b.name: b.load_pretrained() for b in self.branches if b.spec.pretrained}
+        """Load every branch whose spec names a pretrained file.
+
+        Per-branch classifiers start from each checkpoint's own final norm and head where their shapes fit
+        (as upstream's classification models do).
+        """
+        reports = {}
+        for k, branch in enumerate(self.branches):
+            if not branch.spec.pretrained:
+                continue
+            reports[branch.name] = report = branch.load_pretrained()
+            if isinstance(self.classifier, BranchClassifier):
+                self.classifier.load_branch_head(k, report.unused)
+        return reports
 
     # -- forward ------------------------------------------------------------------------------------------
     def branch_sizes(self, height: int, width: int) -> list[tuple[int, int]]:

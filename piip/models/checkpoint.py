@@ -31,6 +31,7 @@ class LoadReport:
     path: str
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
+    unused: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # the unexpected tensors
 
 
 def _internvl_to_timm(state_dict: StateDict) -> StateDict:
@@ -108,7 +109,8 @@ def load_branch_checkpoint(branch: Branch, path: str | Path | None) -> LoadRepor
             f"branch {branch.name}: {path} does not match the architecture:\n  " + "\n  ".join(mismatched)
         )
     result = branch.load_state_dict(loadable, strict=False)
-    report = LoadReport(str(path), sorted(result.missing_keys), unexpected)
+    unused = {k: state_dict[k] for k in unexpected}
+    report = LoadReport(str(path), sorted(result.missing_keys), unexpected, unused)
     log.info("branch %s: loaded %s (%d tensors)", branch.name, path, len(loadable))
     if report.missing:
         log.warning(

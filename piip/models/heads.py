@@ -33,6 +33,21 @@ class BranchClassifier(nn.Module):
         self.norms = nn.ModuleList(nn.LayerNorm(d, eps=1e-6) for d in dims)
         self.fcs = nn.ModuleList(nn.Linear(d, num_classes) for d in dims)
 
+    @torch.no_grad()
+    def load_branch_head(self, k: int, tensors: dict[str, torch.Tensor]) -> bool:
+        """Copy a timm checkpoint's `norm.*` and `head.*` into branch k's head if every shape fits."""
+        pairs = [
+            (self.norms[k].weight, "norm.weight"),
+            (self.norms[k].bias, "norm.bias"),
+            (self.fcs[k].weight, "head.weight"),
+            (self.fcs[k].bias, "head.bias"),
+        ]
+        if not all(name in tensors and tensors[name].shape == p.shape for p, name in pairs):
+            return False
+        for param, name in pairs:
+            param.copy_(tensors[name])
+        return True
+
     def forward(self, cls_tokens: list[torch.Tensor | None], grids: list[torch.Tensor]) -> torch.Tensor:
         logits = []
         for norm, fc, cls, grid in zip(self.norms, self.fcs, cls_tokens, grids, strict=True):
