@@ -1,4 +1,4 @@
-"""Shared fixtures for the piip.models tests: tiny timm branches (test_vit / test_convnext) and a PIIP builder.
+"""Shared fixtures for the piip.models tests: tiny timm branches (test_vit, test_convnext), a PIIP builder.
 
 All models here are deliberately tiny (widths 32-96, depth 2-4, grids of at most 32x32) so that each test
 runs in well under a second on a 2-core CPU.
@@ -18,7 +18,9 @@ from piip.models import BranchSpec, InteractionConfig, PIIPBackbone, PIIPConfig
 CONVNEXT_STRIDE_STAGES = [[0, 0], [1, 3], [4, 8], [9, 11]]
 
 
-def make_vit_spec(name: str = "vit", dim: int = 32, depth: int = 2, heads: int = 1, **spec_kwargs) -> BranchSpec:
+def make_vit_spec(
+    name: str = "vit", dim: int = 32, depth: int = 2, heads: int = 1, **spec_kwargs
+) -> BranchSpec:
     """A tiny timm `test_vit` branch (patch 16, stored pos-embed grid 14x14 unless overridden)."""
     return BranchSpec(
         name=name,
@@ -67,7 +69,7 @@ def piip_config() -> Callable[..., PIIPConfig]:
 
 @pytest.fixture
 def build_piip() -> Callable[..., PIIPBackbone]:
-    """Factory fixture: `build_piip(branches, resolutions, **PIIPConfig fields)` -> a PIIPBackbone in eval mode."""
+    """Factory fixture: `build_piip(branches, resolutions, **PIIPConfig fields)` in eval mode."""
 
     def build(branches: list[BranchSpec], resolutions: list[int], **overrides) -> PIIPBackbone:
         return PIIPBackbone(make_piip_config(branches, resolutions, **overrides)).eval()

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from piip.models import PIIPBackbone, WindowConfig
+from piip.models import ConfigError, PIIPBackbone, WindowConfig, build_branch
 from piip.models.deformable import DeformableAttention
 
 PYRAMID_STRIDES = (4, 8, 16, 32)
@@ -44,13 +44,17 @@ def independent_branch_maps(model: PIIPBackbone, images: torch.Tensor) -> list[t
     maps = []
     for branch, resolution in zip(model.branches, model.config.resolutions, strict=True):
         size = (height * resolution // top, width * resolution // top)
-        x = images if size == (height, width) else F.interpolate(images, size, mode="bilinear", align_corners=False)
+        x = (
+            images
+            if size == (height, width)
+            else F.interpolate(images, size, mode="bilinear", align_corners=False)
+        )
         state = branch.forward_blocks(branch.embed(x), 0, branch.depth - 1)
         maps.append((state.x.permute(0, 3, 1, 2), state.prefix))
     return maps
 
 
-# -- 1. output shapes and strides ------------------------------------------------------------------------------
+# -- 1. output shapes and strides --------------------------------------------------------------------------
 # (branch widths, resolutions) for ViT-only models; the largest branch is last.
 VIT_LAYOUTS = {
     1: ([64], [128]),
@@ -104,6 +108,19 @@ def test_single_branch_pyramid_ignores_merge(build_piip, vit_spec, merge):
     torch.testing.assert_close(out.features, out.branch_maps[0])
 
 
+def test_single_branch_regular_fpn_uses_the_branch_itself(build_piip, vit_spec):
+    model = build_piip(
+        [vit_spec("solo", 64, depth=4)],
+        [128],
+        num_interactions=4,
+        merge="regular_fpn",
+        out_interaction_indexes=[0, 1, 2],
+    )
+    assert len(model.intermediate_merges) == 0 and model.merge is None
+    out = model(torch.randn(1, 3, 128, 128))
+    assert_pyramid(out.pyramid, 1, 64, 128, 128)
+
+
 @pytest.mark.parametrize("image_size", [(128, 128), (128, 192)])
 def test_convnext_branch0_hybrid_regular_fpn_strides(
     build_piip, vit_spec, convnext_spec, convnext_stride_stages, image_size
@@ -137,42 +154,17 @@ def test_vit_branch0_with_convnext_largest_branch(build_piip, vit_spec, convnext
     assert model.out_channels == 64
 
 
-@pytest.mark.xfail(
-    reason="piip/models/backbone.py: out_interaction_indexes is not checked to be increasing; the pyramid taps "
-    "are built in list order but forward() collects intermediate maps in stage order",
-    strict=True,
-)
-def test_unsorted_out_interaction_indexes_rejected_or_correct(
-    build_piip, vit_spec, convnext_spec, convnext_stride_stages
+@pytest.mark.parametrize("indexes", [[2, 1, 0], [0, 0, 1], [-1, 0, 1], [0, 1, 3]])
+def test_bad_out_interaction_indexes_rejected(
+    build_piip, vit_spec, convnext_spec, convnext_stride_stages, indexes
 ):
-    from piip.models import ConfigError
-
+    """Unordered, repeated, negative or final-stage indexes would build a pyramid with wrong strides."""
     specs = [convnext_spec("cnx", interaction_indexes=convnext_stride_stages), vit_spec("vb", 64, depth=4)]
-    try:
-        model = build_piip(
-            specs, [128, 64], num_interactions=4, merge="regular_fpn", out_interaction_indexes=[2, 1, 0]
-        )
-    except ConfigError as err:
-        assert "out_interaction_indexes" in str(err)
-        return
-    out = model(torch.randn(1, 3, 128, 128))
-    assert_pyramid(out.pyramid, 1, 64, 128, 128)
-
-
-@pytest.mark.xfail(
-    reason="piip/models/backbone.py: duplicate out_interaction_indexes pass validation; forward() then "
-    "collects only 2 intermediate maps and fails inside PyramidTaps with a bare zip() ValueError",
-    strict=True,
-)
-def test_duplicate_out_interaction_indexes_rejected(build_piip, vit_spec):
-    from piip.models import ConfigError
-
-    specs = [vit_spec("vs", 32, depth=4), vit_spec("vb", 64, depth=4)]
     with pytest.raises(ConfigError, match="out_interaction_indexes"):
-        build_piip(specs, [128, 64], num_interactions=4, merge="regular_fpn", out_interaction_indexes=[0, 0, 1])
+        build_piip(specs, [128, 64], num_interactions=4, merge="regular_fpn", out_interaction_indexes=indexes)
 
 
-# -- 2. a fresh PIIP computes exactly its branches -------------------------------------------------------------
+# -- 2. a fresh PIIP computes exactly its branches ---------------------------------------------------------
 @pytest.mark.parametrize("use_windows", [True, False], ids=["windows", "cls_token"])
 def test_fresh_model_equals_independent_branches(build_piip, vit_spec, use_windows):
     specs = [
@@ -203,7 +195,7 @@ def test_fresh_model_equals_independent_branches(build_piip, vit_spec, use_windo
 
 
 def test_fresh_interactions_use_deformable_detr_init(build_piip, vit_spec):
-    """init_new_weights re-initialises Linear layers but must keep the Deformable DETR offsets/weights init."""
+    """init_new_weights re-initialises Linear layers but must keep the Deformable DETR offset/weight init."""
     model = build_piip([vit_spec("s", 32), vit_spec("b", 64)], [128, 64], num_interactions=2)
     deformables = [m for m in model.interactions.modules() if isinstance(m, DeformableAttention)]
     assert len(deformables) == 2 * 2  # 2 stages x (small->large, large->small)
@@ -218,7 +210,7 @@ def test_fresh_interactions_use_deformable_detr_init(build_piip, vit_spec):
             assert torch.count_nonzero(param) == 0, name
 
 
-# -- 3. gradients reach every interaction unit -----------------------------------------------------------------
+# -- 3. gradients reach every interaction unit -------------------------------------------------------------
 def pyramid_loss(out) -> torch.Tensor:
     generator = torch.Generator().manual_seed(1)
     return sum((level * torch.randn(level.shape, generator=generator)).sum() for level in out.pyramid)
@@ -228,8 +220,8 @@ def test_gradients_reach_every_interaction_parameter(build_piip, vit_spec):
     specs = [vit_spec("t", 32), vit_spec("s", 32), vit_spec("b", 64)]
     model = build_piip(specs, [128, 96, 64], num_interactions=2)
     set_gammas(model, 0.1)
-    # Deformable DETR init zeroes the offset / attention-weight projections, so at step 0 the query reaches the
-    # output only through them and `query_norm` gets exactly zero gradient. Perturb them as one step would.
+    # Deformable DETR init zeroes the offset / attention-weight projections, so at step 0 the query reaches
+    # the output only through them and `query_norm` gets exactly zero gradient. Perturb them as a step would.
     with torch.no_grad():
         for attn in (m for m in model.interactions.modules() if isinstance(m, DeformableAttention)):
             attn.sampling_offsets.weight.normal_(0, 0.02)
@@ -243,21 +235,21 @@ def test_gradients_reach_every_interaction_parameter(build_piip, vit_spec):
 
 
 def test_zero_gammas_receive_gradients(build_piip, vit_spec):
-    """With the zero-initialised gammas only the gammas get gradient at first, which is what starts training."""
+    """With zero-initialised gammas only the gammas get gradient at first, which is what starts training."""
     specs = [vit_spec("t", 32), vit_spec("s", 32), vit_spec("b", 64)]
     model = build_piip(specs, [128, 96, 64], num_interactions=2)
     pyramid_loss(model(torch.randn(2, 3, 128, 128))).backward()
-    gammas = [(n, p) for n, p in model.interactions.named_parameters() if n.endswith(("ca_gamma", "cffn_gamma"))]
+    gammas = [
+        (n, p) for n, p in model.interactions.named_parameters() if n.endswith(("ca_gamma", "cffn_gamma"))
+    ]
     assert len(gammas) == 2 * 2 * 2 * 2  # stages x units x directions x (ca, cffn)
     for name, param in gammas:
         assert param.grad is not None and param.grad.abs().sum() > 0, name
 
 
-# -- 7. position embeddings follow the input size --------------------------------------------------------------
+# -- 7. position embeddings follow the input size ----------------------------------------------------------
 @pytest.mark.parametrize("size, grid", [((64, 64), (4, 4)), ((96, 128), (6, 8)), ((224, 224), (14, 14))])
 def test_vit_embed_resamples_pos_embed(vit_spec, size, grid):
-    from piip.models import build_branch
-
     branch = build_branch(vit_spec("v", 32)).eval()
     assert branch.pos_embed_grid == (14, 14)  # pretrain_img_size 224 / patch 16
     images = torch.randn(2, 3, *size)
@@ -281,10 +273,12 @@ def test_backbone_branch_sizes_follow_input(build_piip, vit_spec):
     assert_pyramid(out.pyramid, 1, 64, 96, 128)
 
 
-# -- 9. classification heads -----------------------------------------------------------------------------------
+# -- 9. classification heads -------------------------------------------------------------------------------
 def classification_model(build_piip, vit_spec, **overrides):
     specs = [vit_spec("s", 32), vit_spec("b", 64)]
-    overrides = dict(head="classification", merge="classification", use_cls_token=True, num_classes=7) | overrides
+    overrides = (
+        dict(head="classification", merge="classification", use_cls_token=True, num_classes=7) | overrides
+    )
     return build_piip(specs, [64, 32], **overrides)
 
 
@@ -300,9 +294,21 @@ def test_merged_classifier_logits(build_piip, vit_spec):
     assert (out.logits[0] - out.logits[1]).abs().max() > 0
 
 
+def test_cls_token_with_convnext_branch(build_piip, vit_spec, convnext_spec):
+    """use_cls_token gives cls tokens to the branches that have one; a ConvNeXt branch carries none."""
+    specs = [convnext_spec("cnx"), vit_spec("b", 64)]
+    model = build_piip(specs, [128, 64], head="classification", merge="classification", use_cls_token=True)
+    out = model(torch.randn(2, 3, 128, 128))
+    assert out.cls_tokens[0] is None
+    assert tuple(out.cls_tokens[1].shape) == (2, 1, 64)
+    assert tuple(out.logits.shape) == (2, model.config.num_classes)
+
+
 def test_per_branch_classifier_cls_vs_first_patch(build_piip, vit_spec):
     cls_model = classification_model(build_piip, vit_spec, classifier="per_branch", classifier_token="cls")
-    patch_model = classification_model(build_piip, vit_spec, classifier="per_branch", classifier_token="first_patch")
+    patch_model = classification_model(
+        build_piip, vit_spec, classifier="per_branch", classifier_token="first_patch"
+    )
     patch_model.load_state_dict(cls_model.state_dict())
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -316,19 +322,29 @@ def test_per_branch_classifier_cls_vs_first_patch(build_piip, vit_spec):
     head = patch_model.classifier
     with torch.no_grad():
         expected_patch = torch.stack(
-            [fc(norm(fmap[:, :, 0, 0])) for norm, fc, fmap in zip(head.norms, head.fcs, by_patch.branch_maps)]
+            [
+                fc(norm(fmap[:, :, 0, 0]))
+                for norm, fc, fmap in zip(head.norms, head.fcs, by_patch.branch_maps, strict=True)
+            ]
         ).mean(0)
         expected_cls = torch.stack(
-            [fc(norm(cls[:, 0])) for norm, fc, cls in zip(head.norms, head.fcs, by_cls.cls_tokens)]
+            [
+                fc(norm(cls[:, 0]))
+                for norm, fc, cls in zip(head.norms, head.fcs, by_cls.cls_tokens, strict=True)
+            ]
         ).mean(0)
     torch.testing.assert_close(by_patch.logits, expected_patch, atol=1e-5, rtol=0)
     torch.testing.assert_close(by_cls.logits, expected_cls, atol=1e-5, rtol=0)
 
 
-# -- 10. layer ids for layer-wise lr decay ---------------------------------------------------------------------
+# -- 10. layer ids for layer-wise lr decay -----------------------------------------------------------------
 def test_layer_ids_vit_branches(build_piip, vit_spec):
     depths = [2, 2, 4]
-    specs = [vit_spec("t", 32, depth=depths[0]), vit_spec("s", 32, depth=depths[1]), vit_spec("b", 64, depth=4)]
+    specs = [
+        vit_spec("t", 32, depth=depths[0]),
+        vit_spec("s", 32, depth=depths[1]),
+        vit_spec("b", 64, depth=4),
+    ]
     model = build_piip(specs, [128, 96, 64], num_interactions=2)
     num_layers = 4
     assert model.num_decay_layers == num_layers
@@ -359,7 +375,9 @@ def test_layer_ids_vit_branches(build_piip, vit_spec):
 
 def test_layer_ids_convnext_branch(build_piip, vit_spec, convnext_spec, convnext_stride_stages):
     specs = [convnext_spec("cnx", interaction_indexes=convnext_stride_stages), vit_spec("vb", 64, depth=4)]
-    model = build_piip(specs, [128, 64], num_interactions=4, merge="regular_fpn", out_interaction_indexes=[0, 1, 2])
+    model = build_piip(
+        specs, [128, 64], num_interactions=4, merge="regular_fpn", out_interaction_indexes=[0, 1, 2]
+    )
     cnx = model.branches[0]
     num_layers = 4
     stride = num_layers / cnx.depth
@@ -395,7 +413,7 @@ def test_no_weight_decay_names(build_piip, vit_spec):
     assert "branches.1.blocks.0.attn.qkv.weight" not in names
 
 
-# -- 11. activation checkpointing ------------------------------------------------------------------------------
+# -- 11. activation checkpointing --------------------------------------------------------------------------
 def _forward_backward(model: PIIPBackbone, images: torch.Tensor):
     model.zero_grad(set_to_none=True)
     out = model(images)
@@ -407,7 +425,10 @@ def _forward_backward(model: PIIPBackbone, images: torch.Tensor):
 @pytest.mark.parametrize("hybrid", [False, True], ids=["vit", "convnext_hybrid"])
 def test_grad_checkpointing_matches(build_piip, vit_spec, convnext_spec, convnext_stride_stages, hybrid):
     if hybrid:
-        specs = [convnext_spec("cnx", interaction_indexes=convnext_stride_stages), vit_spec("vb", 64, depth=4)]
+        specs = [
+            convnext_spec("cnx", interaction_indexes=convnext_stride_stages),
+            vit_spec("vb", 64, depth=4),
+        ]
         model = build_piip(
             specs, [128, 64], num_interactions=4, merge="regular_fpn", out_interaction_indexes=[0, 1, 2]
         )
@@ -419,8 +440,12 @@ def test_grad_checkpointing_matches(build_piip, vit_spec, convnext_spec, convnex
 
     calls = {"block": 0, "unit": 0}
     # pre-hooks: the checkpoint recomputation may stop early (before a forward hook would fire)
-    model.branches[0].blocks[0].register_forward_pre_hook(lambda *_: calls.__setitem__("block", calls["block"] + 1))
-    model.interactions[0][0].register_forward_pre_hook(lambda *_: calls.__setitem__("unit", calls["unit"] + 1))
+    model.branches[0].blocks[0].register_forward_pre_hook(
+        lambda *_: calls.__setitem__("block", calls["block"] + 1)
+    )
+    model.interactions[0][0].register_forward_pre_hook(
+        lambda *_: calls.__setitem__("unit", calls["unit"] + 1)
+    )
 
     plain_out, plain_grads = _forward_backward(model, images)
     assert calls == {"block": 1, "unit": 1}

@@ -46,6 +46,7 @@ class PIIPBackbone(nn.Module):
         self.branches = nn.ModuleList(self._build_branch(config, k) for k in range(config.num_branches))
         self.stage_ranges = self._stage_ranges(config)
         self.num_interactions = len(self.stage_ranges[0])
+        _check_out_interaction_indexes(config.out_interaction_indexes, self.num_interactions)
         _check_widths(config, self)
         stage_dims = [
             [b.dims[end] for _, end in ranges]
@@ -323,6 +324,16 @@ def _check_branch_settings(config: PIIPConfig) -> None:
     per_branch_cls = config.head == "classification" and config.classifier == "per_branch"
     if per_branch_cls and config.classifier_token == "cls" and not config.use_cls_token:
         raise ConfigError("model.classifier=per_branch with classifier_token=cls needs use_cls_token=true")
+
+
+def _check_out_interaction_indexes(indexes: list[int], num_interactions: int) -> None:
+    """Intermediate maps come from distinct earlier stages, in order (the last stage gives the final map)."""
+    last = num_interactions - 2
+    if indexes and (list(indexes) != sorted(set(indexes)) or indexes[0] < 0 or indexes[-1] > last):
+        raise ConfigError(
+            f"model.out_interaction_indexes {list(indexes)}: expected strictly increasing stage indexes "
+            f"in 0..{last} (the model has {num_interactions} interaction stages; the last gives the final map)"
+        )
 
 
 def _check_widths(config: PIIPConfig, backbone: PIIPBackbone) -> None:

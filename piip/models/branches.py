@@ -16,7 +16,7 @@ from functools import partial
 import timm
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, RmsNorm
+from timm.layers import DropPath, RmsNormFp32
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -102,7 +102,7 @@ def _drop_path_rates(spec: BranchSpec, depth: int) -> list[float]:
 
 def _norm_layer(spec: BranchSpec) -> type[nn.Module]:
     if spec.norm == "rmsnorm":
-        return partial(RmsNorm, eps=spec.norm_eps)
+        return partial(RmsNormFp32, eps=spec.norm_eps)  # fp32 statistics, as upstream
     return partial(nn.LayerNorm, eps=spec.norm_eps)  # exact nn.LayerNorm: the paper's FLOP rules count it
 
 
