@@ -332,7 +332,7 @@ def _check_out_interaction_indexes(indexes: list[int], num_interactions: int) ->
     if indexes and (list(indexes) != sorted(set(indexes)) or indexes[0] < 0 or indexes[-1] > last):
         raise ConfigError(
             f"model.out_interaction_indexes {list(indexes)}: expected strictly increasing stage indexes "
-            f"in 0..{last} (the model has {num_interactions} interaction stages; the last gives the final map)"
+            f"in 0..{last} ({num_interactions} interaction stages; the last one gives the final map)"
         )
 
 
@@ -355,10 +355,8 @@ def _check_widths(config: PIIPConfig, backbone: PIIPBackbone) -> None:
             if config.merge == "classification"
             else {backbone.branches[-1].name: backbone.branches[-1].dim}
         )
-        for i in config.out_interaction_indexes:
-            end = backbone.stage_ranges[-1][i][1] if i < len(backbone.stage_ranges[-1]) else None
-            if end is None:
-                raise ConfigError(f"model.out_interaction_indexes: {i} is not an interaction stage")
+        for i in config.out_interaction_indexes:  # already checked to be earlier stages
+            end = backbone.stage_ranges[-1][i][1]
             dims[f"{backbone.branches[-1].name}@stage{i}"] = backbone.branches[-1].dims[end]
         for name, dim in dims.items():
             if dim % 32:
