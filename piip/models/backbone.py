@@ -72,7 +72,10 @@ class PIIPBackbone(nn.Module):
         if isinstance(self.classifier, BranchClassifier) and config.classifier_token == "cls":
             missing = [b.name for b in self.branches if not b.has_cls_token]
             if missing:
-                raise ConfigError(f"model.classifier_token=cls: branches {missing} have no cls token")
+                raise ConfigError(
+                    f"model.classifier_token=cls (model.classifier=per_branch): branches {missing} have no "
+                    f"cls token; set use_cls_token=true (ConvNeXt and BEiT branches never have one)"
+                )
         self.grad_checkpointing = False
         self.init_new_weights()
 
@@ -249,13 +252,11 @@ class PIIPBackbone(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         names = {f"branches.{k}.{n}" for k, b in enumerate(self.branches) for n in b.no_weight_decay()}
-        names |= {
-            n for n, _ in self.named_parameters() if n.endswith(("ca_gamma", "cffn_gamma", "merge.weights"))
-        }
+        merge_weight = re.compile(r"^(merge|intermediate_merges\.\d+)\.weights$")
         names |= {
             n
-            for n, _ in self.intermediate_merges.named_parameters(prefix="intermediate_merges")
-            if n.endswith("weights")
+            for n, _ in self.named_parameters()
+            if n.endswith(("ca_gamma", "cffn_gamma")) or merge_weight.match(n)
         }
         return names
 
@@ -321,9 +322,6 @@ def _check_branch_settings(config: PIIPConfig) -> None:
         raise ConfigError(
             f"model.head=pyramid needs merge=simple_fpn or regular_fpn, got merge={config.merge}"
         )
-    per_branch_cls = config.head == "classification" and config.classifier == "per_branch"
-    if per_branch_cls and config.classifier_token == "cls" and not config.use_cls_token:
-        raise ConfigError("model.classifier=per_branch with classifier_token=cls needs use_cls_token=true")
 
 
 def _check_out_interaction_indexes(indexes: list[int], num_interactions: int) -> None:

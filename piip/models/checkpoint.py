@@ -30,8 +30,11 @@ class LoadReport:
 
     path: str
     missing: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-    unused: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # the unexpected tensors
+    unused: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # checkpoint tensors not loaded
+
+    @property
+    def unexpected(self) -> list[str]:
+        return sorted(self.unused)
 
 
 def _internvl_to_timm(state_dict: StateDict) -> StateDict:
@@ -97,7 +100,6 @@ def load_branch_checkpoint(branch: Branch, path: str | Path | None) -> LoadRepor
         )
     state_dict = branch.adapt_state_dict(CHECKPOINT_FORMATS[fmt](read_state_dict(path)))
     own = branch.state_dict()
-    unexpected = sorted(k for k in state_dict if k not in own)
     loadable = {k: v for k, v in state_dict.items() if k in own}
     mismatched = [
         f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
@@ -109,8 +111,8 @@ def load_branch_checkpoint(branch: Branch, path: str | Path | None) -> LoadRepor
             f"branch {branch.name}: {path} does not match the architecture:\n  " + "\n  ".join(mismatched)
         )
     result = branch.load_state_dict(loadable, strict=False)
-    unused = {k: state_dict[k] for k in unexpected}
-    report = LoadReport(str(path), sorted(result.missing_keys), unexpected, unused)
+    unused = {k: v for k, v in state_dict.items() if k not in own}
+    report = LoadReport(str(path), sorted(result.missing_keys), unused)
     log.info("branch %s: loaded %s (%d tensors)", branch.name, path, len(loadable))
     if report.missing:
         log.warning(

@@ -76,9 +76,7 @@ def paper_module_macs(
         return _numel(x) * (2 if affine else 1)
     if kind in (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d):
         return _numel(x)
-    if kind is nn.Conv2d and module.bias is not None:
-        return _numel(output)
-    if kind is nn.ConvTranspose2d and module.bias is not None:
+    if kind in (nn.Conv2d, nn.ConvTranspose2d) and module.bias is not None:
         return _numel(output)
     if isinstance(module, GridAttention):
         n = x.shape[1] * x.shape[2] if x.ndim == 4 else x.shape[1] - module.num_prefix_tokens
