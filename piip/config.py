@@ -39,10 +39,16 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
 def backbone_dict(cfg: DictConfig) -> dict[str, Any]:
     """The model's fields for `cfg.task`, with branches gathered into a list (plain data, resolved)."""
     model = OmegaConf.to_container(cfg.model, resolve=True)
-    task = OmegaConf.to_container(cfg.task, resolve=True) if "task" in cfg else {}
+    # only the task fields that shape the model: the rest (data, optim) may refer to keys of train.yaml
+    task_node = cfg.get("task") or {}
+    task = {k: plain(task_node[k]) for k in ("name", "kind", "backbone") if k in task_node}
     kind = task.get("kind", "detection")
     by_task = model.get("by_task") or {}
     data = _merge(task.get("backbone") or {}, {k: v for k, v in model.items() if k not in MODEL_META_KEYS})
@@ -107,3 +113,41 @@ def model_config(
     args = [f"model={model}", f"task={task}"] + ([f"resolution='{resolution}'"] if resolution else [])
     args += [f"model.{k}={v}" for k, v in overrides.items()]
     return PIIPConfig.from_dict(backbone_dict(compose("flops", args)))
+
+
+# -- resolvers used by conf/train.yaml and conf/logger -----------------------------------------------------
+def _resolution_tag(*, _root_: DictConfig) -> str:
+    """`64_48_32`: the resolutions this run builds (model/task defaults or the `resolution` group)."""
+    return "_".join(str(r) for r in backbone_dict(_root_)["resolutions"])
+
+
+def wandb_offline() -> bool:
+    """Offline unless the user configured W&B: no network call and no login prompt otherwise."""
+    import netrc
+    import os
+
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if mode in ("offline", "dryrun", "disabled"):
+        return True
+    if os.environ.get("WANDB_API_KEY") or mode == "online":
+        return False
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is None
+    except (OSError, netrc.NetrcParseError):
+        return True
+
+
+def auto_precision() -> str:
+    """bf16 mixed precision where a GPU is present, full precision on CPU."""
+    import torch
+
+    return "bf16-mixed" if torch.cuda.is_available() else "32-true"
+
+
+for _name, _fn in (
+    ("piip.resolution", _resolution_tag),
+    ("piip.wandb_offline", wandb_offline),
+    ("piip.auto_precision", auto_precision),
+):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _fn)

@@ -13,6 +13,9 @@ import torch
 
 from piip.models import BranchSpec, InteractionConfig, PIIPBackbone, PIIPConfig
 
+# As train.py does: before torch starts its thread pool, so every intra-op thread flushes subnormals.
+torch.set_flush_denormal(True)
+
 # ConvNeXt `test_convnext` flattened into 12 blocks: 1 + (1 + 2) + (1 + 4) + (1 + 2).
 # These interaction stages end at blocks 0 / 3 / 8 / 11, i.e. at strides 4 / 8 / 16 / 32.
 CONVNEXT_STRIDE_STAGES = [[0, 0], [1, 3], [4, 8], [9, 11]]

@@ -460,3 +460,21 @@ def test_grad_checkpointing_matches(build_piip, vit_spec, convnext_spec, convnex
     assert len(plain_grads) == len(list(model.parameters()))
     for name, grad in plain_grads.items():
         torch.testing.assert_close(ckpt_grads[name], grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("token", ["cls", "first_patch"])
+def test_unread_parameters_are_exactly_those_without_gradient(vit_spec, build_piip, token):
+    model = build_piip(
+        [vit_spec("s", 32), vit_spec("l", 64)],
+        [64, 32],
+        head="classification",
+        classifier="per_branch",
+        classifier_token=token,
+        use_cls_token=True,
+        merge="none",
+        num_classes=3,
+    ).train()
+    model(torch.randn(2, 3, 64, 64)).logits.sum().backward()
+    without_grad = {n for n, p in model.named_parameters() if p.grad is None}
+    assert set(model.unread_parameters()) == without_grad
+    assert bool(without_grad) == (token == "cls")  # the top-left patch token does read the last interaction

@@ -240,6 +240,19 @@ class PIIPBackbone(nn.Module):
             BranchState(new_large.view_as(large.x), large.prefix),
         )
 
+    def unread_parameters(self) -> list[str]:
+        """Parameters that cannot influence any output this configuration produces.
+
+        With per-branch cls-token classification and no merging, the last interaction stage is unread:
+        interactions never touch cls tokens and no block follows the last one. Its units still run and
+        count (as upstream counts them); tasks freeze them so DDP sees no parameter without a gradient.
+        """
+        reads_cls_only = isinstance(self.classifier, BranchClassifier) and self.classifier.token == "cls"
+        if not reads_cls_only or self.merge is not None or self.pyramid is not None:
+            return []
+        last = self.num_interactions - 1
+        return [f"interactions.{last}.{n}" for n, _ in self.interactions[last].named_parameters()]
+
     # -- timm-style verbs ---------------------------------------------------------------------------------
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward(images).features

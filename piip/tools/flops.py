@@ -42,10 +42,10 @@ def flops_report(cfg: DictConfig) -> dict[str, float]:
     actual = measure(backbone_dict(cfg), "actual")
     paper = paper_count(cfg)
     return {
-        "params_m": round(actual.params_m, 2),
-        "gflops": round(actual.gflops, 2),
-        "paper_params_m": round(paper.params_m, 2),
-        "paper_gflops": round(paper.gflops, 2),
+        "params_m": round(actual.params_m, 4),
+        "gflops": round(actual.gflops, 4),
+        "paper_params_m": round(paper.params_m, 4),
+        "paper_gflops": round(paper.gflops, 4),
     }
 
 

@@ -1,0 +1,5 @@
+"""LightningDataModules per on-disk format and the embedded-data generator."""
+
+from piip.data.imagenet import DataError, ImageFolderDataModule
+
+__all__ = ["DataError", "ImageFolderDataModule"]

@@ -1,0 +1,200 @@
+"""The ImageNet folder layout (`root/train/<class>/*.JPEG`, `root/val/<class>/*.JPEG`) as a DataModule.
+
+Unreadable or corrupt images stop the run with an error naming the file (rather than being skipped):
+a silently shrinking dataset changes results without anyone noticing. Remove or replace the file.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.trainer.states import TrainerFn
+from PIL import Image
+from timm.data import create_transform
+from torch.utils.data import DataLoader
+from torchvision.datasets import ImageFolder
+
+from piip.data.sampling import ResumableSampler, SeededTransform
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """Missing or malformed data; the message names the path and what was expected."""
+
+
+def load_rgb(path: str) -> Image.Image:
+    try:
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise DataError(f"cannot read image {path}: {err}. Remove or replace this file.") from err
+
+
+def image_folder(split_dir: Path) -> ImageFolder:
+    """torchvision's `ImageFolder` with errors that name the folder and the expected layout."""
+    if not split_dir.is_dir():
+        raise DataError(
+            f"dataset split not found: {split_dir} (expected the ImageNet layout "
+            f"{split_dir}/<class_name>/<image>.JPEG; set task.data.root)"
+        )
+    class_dirs = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    if not class_dirs:
+        raise DataError(f"{split_dir} has no class folders; expected {split_dir}/<class_name>/<image>.JPEG")
+    try:
+        return ImageFolder(str(split_dir), loader=load_rgb)
+    except FileNotFoundError as err:  # torchvision: "Found no valid file for the classes ..."
+        raise DataError(f"{split_dir}: {err}") from err
+
+
+class ImageFolderDataModule(L.LightningDataModule):
+    """Train/val loaders with timm transforms; the input size follows the model's highest resolution.
+
+    `train_transform` takes timm `create_transform` arguments (auto_augment, color_jitter, re_prob, scale,
+    interpolation, ...); evaluation resizes by `eval_crop_pct` and centre-crops. `synthetic`, when set,
+    writes the embedded "shapes" dataset to `root` on first use (arguments of `ensure_imagenet_layout`).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        input_size: int,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 8,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        seed: int = 0,
+        mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
+        std: tuple[float, float, float] = (0.229, 0.224, 0.225),
+        interpolation: str = "bicubic",
+        eval_crop_pct: float = 1.0,
+        train_transform: dict[str, Any] | None = None,
+        synthetic: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.root = Path(root)
+        self.input_size = input_size
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self.seed = seed
+        self.norm = {"mean": tuple(mean), "std": tuple(std), "interpolation": interpolation}
+        self.eval_crop_pct = eval_crop_pct
+        self.train_transform_args = dict(train_transform or {})
+        self.synthetic = synthetic
+        self.train_set: ImageFolder | None = None
+        self.val_set: ImageFolder | None = None
+        self._resume: dict[str, int] | None = None
+
+    # -- data on disk -------------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        if self.synthetic is not None:
+            from piip.data.synthetic import ensure_imagenet_layout
+
+            ensure_imagenet_layout(self.root, **self.synthetic)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.val_set is None:
+            self.val_set = image_folder(self.root / "val")
+        if stage in (None, "fit") and self.train_set is None:
+            self.train_set = image_folder(self.root / "train")
+            if self.train_set.classes != self.val_set.classes:
+                missing = sorted(set(self.train_set.classes) ^ set(self.val_set.classes))
+                raise DataError(
+                    f"{self.root}: train/ and val/ must hold the same class folders; they differ in {missing}"
+                )
+
+    @property
+    def num_classes(self) -> int:
+        if self.val_set is None:
+            self.setup("validate")
+        return len(self.val_set.classes)
+
+    @property
+    def classes(self) -> list[str]:
+        if self.val_set is None:
+            self.setup("validate")
+        return list(self.val_set.classes)
+
+    # -- transforms ---------------------------------------------------------------------------------------
+    def train_transform(self):
+        return create_transform(self.input_size, is_training=True, **self.norm, **self.train_transform_args)
+
+    def eval_transform(self):
+        return create_transform(
+            self.input_size, is_training=False, crop_pct=self.eval_crop_pct, crop_mode="center", **self.norm
+        )
+
+    # -- loaders ------------------------------------------------------------------------------------------
+    def _sampler(self, size: int, train: bool) -> ResumableSampler:
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        return ResumableSampler(
+            size, shuffle=train, seed=self.seed, num_replicas=world, rank=rank, drop_last=train
+        )
+
+    def _loader(self, dataset: SeededTransform, sampler: ResumableSampler, batch_size: int, train: bool):
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+            drop_last=train,  # Mixup needs even, full batches
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup("fit")
+        sampler = self._sampler(len(self.train_set), train=True)
+        if self._resume is not None:
+            self._apply_resume(sampler)
+        dataset = SeededTransform(self.train_set, self.train_transform(), self.seed)
+        return self._loader(dataset, sampler, self.batch_size, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup("validate")
+        dataset = SeededTransform(self.val_set, self.eval_transform(), self.seed, random_transform=False)
+        return self._loader(dataset, self._sampler(len(dataset), train=False), self.eval_batch_size, False)
+
+    def test_dataloader(self) -> DataLoader:
+        """ImageNet has no public test labels: the test stage evaluates the val split."""
+        return self.val_dataloader()
+
+    # -- resuming mid-epoch -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, int]:
+        """Where training stands in the data: saved in every checkpoint, read back before loaders exist."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            return {}
+        return {
+            "epoch": trainer.current_epoch,
+            "batches_done": trainer.fit_loop.epoch_loop.batch_progress.current.processed,
+            "batch_size": self.batch_size,
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = dict(state) if state else None
+
+    def _apply_resume(self, sampler: ResumableSampler) -> None:
+        state, self._resume = self._resume, None
+        if state["batch_size"] != self.batch_size:
+            log.warning(
+                "resuming with batch size %d instead of %d: the interrupted epoch restarts from the start",
+                self.batch_size,
+                state["batch_size"],
+            )
+            sampler.resume(state["epoch"], 0)
+            return
+        batches_per_epoch = len(sampler) // self.batch_size
+        if state["batches_done"] >= batches_per_epoch:
+            sampler.resume(state["epoch"] + 1, 0)
+        else:
+            sampler.resume(state["epoch"], state["batches_done"] * self.batch_size)

@@ -1,0 +1,118 @@
+"""What every PIIP LightningModule shares: the backbone, AdamW with layer-wise decay, schedule, EMA, guards.
+
+Hyper-parameters are plain data (dicts of the resolved config), so checkpoints load with
+`torch.load(..., weights_only=True)` and `evaluate.py` can rebuild the model from the checkpoint alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import lightning as L
+import torch
+from timm.utils import ModelEmaV3
+from torch import nn
+
+from piip.models import PIIPBackbone, PIIPConfig
+from piip.tasks.optim import OptimConfig, build_optimizer, build_scheduler, parameter_groups
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised before the optimizer step, so no checkpoint is written from poisoned weights."""
+
+
+class PIIPTask(L.LightningModule):
+    """Base class; subclasses add heads, `training_step` and evaluation.
+
+    `run_config` is the whole resolved run config (model, task, data, trainer), stored in the checkpoint
+    so a checkpoint describes itself; it is not used for building.
+    """
+
+    def __init__(
+        self,
+        backbone: dict[str, Any],
+        optim: dict[str, Any],
+        load_pretrained: bool = False,
+        grad_checkpointing: bool = False,
+        run_config: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.backbone = PIIPBackbone(PIIPConfig.from_dict(copy.deepcopy(backbone)))
+        self.optim_config = OptimConfig.from_dict(optim)
+        if load_pretrained:
+            for name, report in self.backbone.load_pretrained().items():
+                log.info("branch %s: loaded %s (%d missing keys)", name, report.path, len(report.missing))
+        if grad_checkpointing:
+            self.backbone.set_grad_checkpointing(True)
+        unread = set(self.backbone.unread_parameters())
+        for name, param in self.backbone.named_parameters():
+            if name in unread:
+                param.requires_grad_(False)
+        if unread:
+            log.info("froze %d parameters no output reads (see PIIPBackbone.unread_parameters)", len(unread))
+        self.ema: ModelEmaV3 | None = None
+        if self.optim_config.ema_decay:
+            self.ema = ModelEmaV3(self.backbone, decay=self.optim_config.ema_decay)
+            self.ema.requires_grad_(False)
+
+    # -- optimisation -------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        groups = parameter_groups(
+            self,
+            self.optim_config,
+            layer_id=self.backbone.layer_id,
+            num_layers=self.backbone.num_decay_layers,
+            no_weight_decay=self.backbone.no_weight_decay(),
+            prefix="backbone.",
+        )
+        optimizer = build_optimizer(groups, self.optim_config)
+        total = int(self.trainer.estimated_stepping_batches)
+        epochs = max(self.trainer.max_epochs or 1, 1)
+        steps_per_epoch = total / epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else total
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": build_scheduler(optimizer, self.optim_config, total, steps_per_epoch),
+        }
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        clip = gradient_clip_val or self.optim_config.gradient_clip
+        if clip:
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:
+            self.ema.update(self.backbone, step=self.global_step)
+
+    # -- guards and logging -------------------------------------------------------------------------------
+    def check_finite(self, loss: torch.Tensor, batch_idx: int) -> None:
+        if not torch.isfinite(loss.detach()).all():
+            saved = [c.last_model_path for c in self.trainer.checkpoint_callbacks if c.last_model_path]
+            last = saved[0] if saved else "none written yet"
+            raise NonFiniteLossError(
+                f"non-finite training loss ({loss.item()}) at global step {self.global_step}, epoch "
+                f"{self.current_epoch}, batch {batch_idx}; stopped before the optimizer step. The last good "
+                f"checkpoint is untouched: {last}. Lower task.optim.lr, enable task.optim.gradient_clip, "
+                "or check this batch's data."
+            )
+
+    def log_lr(self) -> None:
+        optimizer = self.trainer.optimizers[0]
+        self.log("train/lr", max(g["lr"] for g in optimizer.param_groups), on_step=True, on_epoch=False)
+
+    def evaluation_models(self) -> dict[str, nn.Module]:
+        """Models evaluated at validation/test: the trained weights and, when kept, their EMA."""
+        models: dict[str, nn.Module] = {"": self.backbone}
+        if self.ema is not None:
+            models["ema"] = self.ema.module
+        return models

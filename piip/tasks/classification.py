@@ -1,0 +1,93 @@
+"""ImageNet-style classification with the backbone's own classifier (merged or per-branch, PAPER.md §1.7)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from torch import nn
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from piip.models.config import ConfigError
+from piip.tasks.base import PIIPTask
+
+
+class ClassificationTask(PIIPTask):
+    """Mixup/CutMix with soft targets and label smoothing in training; top-1/top-5 at evaluation.
+
+    `mixup` takes timm `Mixup` arguments (mixup_alpha, cutmix_alpha, prob, switch_prob, mode); with both
+    alphas 0 it is off and training uses cross-entropy with `label_smoothing`.
+    """
+
+    def __init__(
+        self,
+        backbone: dict[str, Any],
+        optim: dict[str, Any],
+        num_classes: int,
+        label_smoothing: float = 0.1,
+        mixup: dict[str, Any] | None = None,
+        **base: Any,
+    ) -> None:
+        if backbone.get("num_classes") != num_classes:
+            raise ConfigError(
+                f"task.backbone.num_classes is {backbone.get('num_classes')} but the dataset has "
+                f"{num_classes} classes; set task.backbone.num_classes={num_classes}"
+            )
+        if backbone.get("head") != "classification":
+            raise ConfigError(
+                f"task.backbone.head: classification needs 'classification', got {backbone.get('head')!r}"
+            )
+        super().__init__(backbone, optim, **base)
+        mixup = dict(mixup or {})
+        self.mixup: Mixup | None = None
+        if mixup.get("mixup_alpha", 0) > 0 or mixup.get("cutmix_alpha", 0) > 0:
+            self.mixup = Mixup(**mixup, label_smoothing=label_smoothing, num_classes=num_classes)
+        self.label_smoothing = label_smoothing
+        self.soft_loss = SoftTargetCrossEntropy()
+        top_k = min(5, num_classes)
+        metrics = {"top1": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
+        if top_k > 1:
+            metrics[f"top{top_k}"] = MulticlassAccuracy(num_classes, top_k=top_k, average="micro")
+        self.metrics = nn.ModuleDict(
+            {
+                f"{stage}{suffix}": MetricCollection(metrics, prefix=f"{stage}{suffix}/").clone()
+                for stage in ("val", "test")
+                for suffix in ("", "_ema")
+            }
+        )
+        self.losses = nn.ModuleDict({stage: MeanMetric() for stage in ("val", "val_ema", "test", "test_ema")})
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(images).logits
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, targets = batch
+        if self.mixup is not None:
+            images, soft_targets = self.mixup(images, targets)
+            loss = self.soft_loss(self(images), soft_targets)
+        else:
+            loss = F.cross_entropy(self(images), targets, label_smoothing=self.label_smoothing)
+        self.check_finite(loss, batch_idx)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(images))
+        self.log_lr()
+        return loss
+
+    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
+        images, targets = batch
+        for suffix, model in self.evaluation_models().items():
+            name = f"{stage}_{suffix}" if suffix else stage
+            logits = model(images).logits.float()
+            self.losses[name].update(F.cross_entropy(logits, targets), weight=len(images))
+            self.metrics[name].update(logits, targets)
+            self.log(f"{name}/loss", self.losses[name], on_epoch=True, batch_size=len(images))
+            self.log_dict(self.metrics[name], on_epoch=True, prog_bar=not suffix, batch_size=len(images))
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test")

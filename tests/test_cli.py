@@ -1,0 +1,70 @@
+"""The command lines a user types: --help/--cfg, a 2-job resolution sweep and its summary."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "trainer=cpu",
+    "logger=csv",
+    "callbacks.progress_bar=null",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "trainer.num_sanity_val_steps=0",
+    "task.data.num_workers=0",
+    "task.data.batch_size=8",
+    "task.data.synthetic.train_per_class=6",
+    "task.data.synthetic.val_per_class=2",
+    "test_after_fit=false",
+]
+
+
+def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1"}
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_help_and_cfg_show_the_composed_config():
+    shown = run("train.py", "--help")
+    assert shown.returncode == 0, shown.stderr
+    assert "model: piip_sbl" in shown.stdout or "piip_sbl" in shown.stdout  # the groups a user can pick
+    job = run("train.py", "model=piip_sbl", "task=imagenet", "resolution=384_192_128", "--cfg", "job")
+    assert job.returncode == 0, job.stderr
+    assert "name: piip_sbl" in job.stdout and "sizes:\n  - 384\n  - 192\n  - 128" in job.stdout
+
+
+def test_resolution_sweep_runs_one_job_per_value_and_summarises(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run(
+        "train.py",
+        "-m",
+        "resolution=64_48_32,96_64_48",
+        f"paths.root_dir={tmp_path}",
+        f"hydra.sweep.dir={sweep}",
+        *TINY,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = {json.loads((sweep / str(i) / "results.json").read_text())["resolution"][0]: i for i in (0, 1)}
+    assert sorted(jobs) == [64, 96]
+    gflops = [json.loads((sweep / str(i) / "results.json").read_text())["gflops"] for i in (0, 1)]
+    assert gflops[jobs[96]] > gflops[jobs[64]]  # more pixels, more compute
+
+    summary = run("-m", "piip.tools.sweep_summary", str(sweep))
+    assert summary.returncode == 0, summary.stderr
+    rows = list(csv.DictReader((sweep / "sweep_summary.csv").open()))
+    assert [r["resolution"] for r in rows] == ["64_48_32", "96_64_48"]  # sorted by GFLOPs
+    assert (sweep / "sweep_summary.png").stat().st_size > 5000
+
+
+def test_missing_dataset_names_the_path(tmp_path):
+    result = run("train.py", f"paths.root_dir={tmp_path}", *TINY, "task.data.synthetic=null")
+    assert result.returncode != 0
+    assert f"dataset split not found: {tmp_path / 'data' / 'shapes_imagenet'}/" in result.stderr
