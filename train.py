@@ -29,6 +29,8 @@ def train(cfg: DictConfig) -> float | None:
     counts = app.complexity(cfg) if trainer.is_global_zero else {}
     for logger in trainer.loggers:
         logger.log_hyperparams({f"model/{k}": v for k, v in counts.items()})
+    if counts.get("gflops"):  # ThroughputMonitor's FLOPs/s: multiply-adds x 2, forward + backward x 3
+        module.flops_per_batch = counts["gflops"] * 1e9 * 2 * 3 * cfg.task.data.batch_size
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     best = getattr(trainer.checkpoint_callback, "best_model_score", None)
@@ -41,6 +43,7 @@ def train(cfg: DictConfig) -> float | None:
     if trainer.is_global_zero:
         record = app.results_record(cfg, backbone, metrics, score, **counts, ckpt_path=best_path)
         app.write_json(run_dir / "results.json", record)
+    app.close_loggers(trainer)
     return score
 
 

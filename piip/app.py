@@ -13,9 +13,11 @@ import lightning as L
 import torch
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig
 
 from piip.config import plain
+from piip.models.config import ConfigError
 from piip.tasks.base import PIIPTask
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,12 @@ def configure_cpu_math() -> None:
 # -- building ---------------------------------------------------------------------------------------------
 def build_datamodule(cfg: DictConfig, backbone: dict[str, Any]) -> L.LightningDataModule:
     """The task's data module; its input size is the model's highest branch resolution."""
+    missing = [key for key in ("data", "module", "optim") if key not in cfg.task]
+    if missing:
+        raise ConfigError(
+            f"task={cfg.task.name}: training needs task.{', task.'.join(missing)}; this task defines only "
+            "its backbone settings so far (usable with python -m piip.tools.flops)"
+        )
     return instantiate(cfg.task.data, input_size=backbone["resolutions"][0], _convert_="all")
 
 
@@ -68,6 +76,13 @@ def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], loggers: list[An
     if not loggers:  # `logger=none`: the LR monitor has nowhere to write and would refuse to start
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
+
+
+def close_loggers(trainer: L.Trainer) -> None:
+    """End the W&B run, so the next job of a multirun (same process) starts its own run."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()
 
 
 # -- checkpoints ------------------------------------------------------------------------------------------

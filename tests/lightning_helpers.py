@@ -6,28 +6,30 @@ import lightning as L
 import torch
 
 
-class CrashAtStep(L.Callback):
-    """Simulates a killed job: raises before training batch `step` (a global step count)."""
+class _AtStep(L.Callback):
+    """Acts once, before the training batch of global step `step`."""
 
     def __init__(self, step: int) -> None:
         self.step = step
 
-    def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx
-    ) -> None:
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
         if trainer.global_step == self.step:
-            raise RuntimeError(f"simulated crash at step {self.step}")
+            self.act(pl_module)
+
+    def act(self, pl_module: L.LightningModule) -> None:
+        raise NotImplementedError
 
 
-class PoisonWeightsAtStep(L.Callback):
-    """Makes the next loss non-finite at global step `step` by writing NaN into one weight."""
+class CrashAtStep(_AtStep):
+    """Simulates a killed job."""
 
-    def __init__(self, step: int) -> None:
-        self.step = step
+    def act(self, pl_module: L.LightningModule) -> None:
+        raise RuntimeError(f"simulated crash at step {self.step}")
 
-    def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx
-    ) -> None:
-        if trainer.global_step == self.step:
-            with torch.no_grad():
-                next(pl_module.backbone.parameters()).fill_(float("nan"))
+
+class PoisonWeightsAtStep(_AtStep):
+    """Makes the next loss non-finite by writing NaN into one weight."""
+
+    def act(self, pl_module: L.LightningModule) -> None:
+        with torch.no_grad():
+            next(pl_module.backbone.parameters()).fill_(float("nan"))

@@ -15,6 +15,7 @@ TINY = [
     "logger=csv",
     "callbacks.progress_bar=null",
     "trainer.max_epochs=1",
+    "task.val_every_n_epochs=1",
     "trainer.limit_train_batches=2",
     "trainer.num_sanity_val_steps=0",
     "task.data.num_workers=0",

@@ -20,6 +20,7 @@ import evaluate as evaluate_entry
 import train as train_entry
 from piip.app import CheckpointError
 from piip.config import CONF_DIR
+from piip.models import ConfigError
 from piip.tasks import NonFiniteLossError
 
 TINY_RUN = [
@@ -30,6 +31,7 @@ TINY_RUN = [
     "+trainer.enable_progress_bar=false",
     "+trainer.enable_model_summary=false",
     "trainer.max_epochs=1",
+    "task.val_every_n_epochs=1",
     "trainer.num_sanity_val_steps=0",
     "task.data.num_workers=0",
     "task.data.batch_size=8",
@@ -137,9 +139,15 @@ def test_checkpoint_of_another_model_is_refused_by_name(tmp_path, data_dir):
     train_entry.train(
         train_config(tmp_path, data_dir, "trainer.limit_train_batches=1", "test_after_fit=false")
     )
-    other = train_config(tmp_path, data_dir, "model.branch0.timm_kwargs.embed_dim=48", "ckpt_path=last")
+    other = train_config(tmp_path, data_dir, "model.branch0.timm_kwargs.embed_dim=64", "ckpt_path=last")
     with pytest.raises(CheckpointError, match=r"last\.ckpt holds model 'piip_tiny'.*branches\.0"):
         train_entry.train(other)
+
+
+def test_a_model_built_for_another_class_count_is_refused(tmp_path, data_dir):
+    cfg = train_config(tmp_path, data_dir, "task.backbone.num_classes=5")
+    with pytest.raises(ConfigError, match="has 8 classes but the model is built for 5.*num_classes=8"):
+        train_entry.train(cfg)
 
 
 def test_evaluate_refuses_a_file_that_is_not_a_piip_checkpoint(tmp_path):
@@ -193,3 +201,20 @@ def test_every_experiment_config_composes(tmp_path):
         backbone = backbone_dict(cfg)
         assert backbone["resolutions"] == sorted(backbone["resolutions"], reverse=True), name
         assert cfg.task.name == "imagenet" and cfg.trainer.max_epochs == cfg.task.epochs, name
+
+
+def test_wandb_is_the_default_logger_and_stays_offline_without_configuration(tmp_path, data_dir, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    for name in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    one_batch = ["trainer.limit_train_batches=1", "test_after_fit=false"]
+    cfg = train_config(tmp_path, data_dir, "logger=wandb", *one_batch)
+    assert cfg.logger.wandb.offline is True
+    assert list(cfg.logger.wandb.tags) == ["piip_tiny", "shapes", "res_64_48_32"]
+    train_entry.train(cfg)
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, "expected one offline W&B run folder"
+    records = next(runs[0].glob("run-*.wandb")).read_bytes()  # offline runs keep everything in this file
+    assert b"model/gflops" in records and b"run_config" in records  # model size and the resolved config
+    assert b"train/loss" in records

@@ -34,8 +34,8 @@ class ClassificationTask(PIIPTask):
     ) -> None:
         if backbone.get("num_classes") != num_classes:
             raise ConfigError(
-                f"task.backbone.num_classes is {backbone.get('num_classes')} but the dataset has "
-                f"{num_classes} classes; set task.backbone.num_classes={num_classes}"
+                f"task.module.num_classes ({num_classes}) differs from the model's num_classes "
+                f"({backbone.get('num_classes')}); set task.backbone.num_classes"
             )
         if backbone.get("head") != "classification":
             raise ConfigError(
@@ -60,6 +60,15 @@ class ClassificationTask(PIIPTask):
             }
         )
         self.losses = nn.ModuleDict({stage: MeanMetric() for stage in ("val", "val_ema", "test", "test_ema")})
+
+    def setup(self, stage: str) -> None:
+        data = self.trainer.datamodule if self.trainer is not None else None
+        found = getattr(data, "num_classes", None)
+        if found is not None and found != self.hparams.num_classes:
+            raise ConfigError(
+                f"the dataset at {getattr(data, 'root', '?')} has {found} classes but the model is built for "
+                f"{self.hparams.num_classes}; set task.backbone.num_classes={found}"
+            )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images).logits
