@@ -13,7 +13,7 @@ import lightning as L
 from omegaconf import DictConfig
 
 from piip import app
-from piip.cli import quote_resolution_overrides, rerun_only_this_job_in_ddp_children
+from piip.cli import one_job_of_a_multirun, quote_resolution_overrides
 from piip.config import CONF_DIR, backbone_dict
 
 
@@ -49,8 +49,8 @@ def train(cfg: DictConfig) -> float | None:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    rerun_only_this_job_in_ddp_children()
-    return train(cfg)
+    with one_job_of_a_multirun():
+        return train(cfg)
 
 
 if __name__ == "__main__":

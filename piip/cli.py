@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import sys
+from collections.abc import Iterator
 
 _RESOLUTION = re.compile(r"^(\+{0,2}resolution=)([\d_,]+)$")
 
@@ -23,25 +26,37 @@ def quote_resolution_overrides(argv: list[str] | None = None) -> list[str]:
     return argv
 
 
-def rerun_only_this_job_in_ddp_children() -> None:
-    """Make DDP ranks > 0 of a multirun job re-run this one job, not the whole sweep.
+@contextlib.contextmanager
+def one_job_of_a_multirun() -> Iterator[None]:
+    """Make a multirun job with subprocess DDP behave like a single run, and clean up after it.
 
     Lightning starts ranks > 0 by re-running `sys.argv` plus `hydra.run.dir=<run dir>`; in a multirun that
-    would launch every job of the sweep again in every child. Replacing the argument list with this job's
-    own overrides (no `-m`) and pointing the run directory at the job's folder makes each child compose
-    exactly its parent's job config. SLURM launches (hydra/launcher=submitit_slurm) start every rank
-    themselves and are unaffected.
+    would launch the whole sweep again in every child. Inside this block the argument list is this job's
+    own overrides (no `-m`) and the run directory is the job's folder, so each child composes exactly its
+    parent's job. Afterwards the environment variables Lightning set for the launch (`LOCAL_RANK`, ...)
+    and the process group are removed, or the next job would take itself for a child of the previous one.
+    SLURM launches (hydra/launcher=submitit_slurm) start every rank themselves and are unaffected.
     """
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
     from omegaconf import OmegaConf
 
-    if not HydraConfig.initialized():
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        yield
         return
     hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode != RunMode.MULTIRUN:
-        return
+    argv, environ = list(sys.argv), dict(os.environ)
     sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
     OmegaConf.set_readonly(hydra_cfg, False)
     hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
     OmegaConf.set_readonly(hydra_cfg, True)
+    try:
+        yield
+    finally:
+        sys.argv = argv
+        os.environ.clear()
+        os.environ.update(environ)
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()

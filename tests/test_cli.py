@@ -69,3 +69,24 @@ def test_missing_dataset_names_the_path(tmp_path):
     result = run("train.py", f"paths.root_dir={tmp_path}", *TINY, "task.data.synthetic=null")
     assert result.returncode != 0
     assert f"dataset split not found: {tmp_path / 'data' / 'shapes_imagenet'}/" in result.stderr
+
+
+def test_multirun_with_subprocess_ddp_runs_each_job_once_in_its_folder(tmp_path):
+    """Lightning's DDP re-launches ranks > 0 from the command line; they must not re-run the sweep."""
+    sweep = tmp_path / "sweep"
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
+    result = run(
+        "train.py",
+        "-m",
+        "resolution=64_48_32,96_64_48",
+        f"paths.root_dir={tmp_path}",
+        f"hydra.sweep.dir={sweep}",
+        *TINY,
+        *ddp,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
+    for job in ("0", "1"):
+        assert (sweep / job / "results.json").is_file()
+        assert (sweep / job / "train_ddp_process_1.log").is_file()  # rank 1 ran this job, in this folder
+    assert not (tmp_path / "outputs").exists()  # no child fell back to a run folder of its own
