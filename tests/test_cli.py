@@ -33,6 +33,13 @@ def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     )
 
 
+def tiny_resolution_sweep(tmp_path: Path, *extra: str) -> tuple[Path, subprocess.CompletedProcess]:
+    """`train.py -m` over two tiny resolutions, into `tmp_path/sweep`."""
+    sweep = tmp_path / "sweep"
+    overrides = [f"paths.root_dir={tmp_path}", f"hydra.sweep.dir={sweep}", *TINY, *extra]
+    return sweep, run("train.py", "-m", "resolution=64_48_32,96_64_48", *overrides)
+
+
 def test_help_and_cfg_show_the_composed_config():
     shown = run("train.py", "--help")
     assert shown.returncode == 0, shown.stderr
@@ -43,15 +50,7 @@ def test_help_and_cfg_show_the_composed_config():
 
 
 def test_resolution_sweep_runs_one_job_per_value_and_summarises(tmp_path):
-    sweep = tmp_path / "sweep"
-    result = run(
-        "train.py",
-        "-m",
-        "resolution=64_48_32,96_64_48",
-        f"paths.root_dir={tmp_path}",
-        f"hydra.sweep.dir={sweep}",
-        *TINY,
-    )
+    sweep, result = tiny_resolution_sweep(tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = {json.loads((sweep / str(i) / "results.json").read_text())["resolution"][0]: i for i in (0, 1)}
     assert sorted(jobs) == [64, 96]
@@ -73,17 +72,8 @@ def test_missing_dataset_names_the_path(tmp_path):
 
 def test_multirun_with_subprocess_ddp_runs_each_job_once_in_its_folder(tmp_path):
     """Lightning's DDP re-launches ranks > 0 from the command line; they must not re-run the sweep."""
-    sweep = tmp_path / "sweep"
     ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
-    result = run(
-        "train.py",
-        "-m",
-        "resolution=64_48_32,96_64_48",
-        f"paths.root_dir={tmp_path}",
-        f"hydra.sweep.dir={sweep}",
-        *TINY,
-        *ddp,
-    )
+    sweep, result = tiny_resolution_sweep(tmp_path, *ddp)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
     for job in ("0", "1"):

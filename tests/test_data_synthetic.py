@@ -352,12 +352,8 @@ def test_invalid_arguments_are_rejected(tmp_path: Path, field: str, value: objec
     assert list(tmp_path.iterdir()) == []
 
 
-def test_concurrent_writer_that_wins_the_rename_is_reused(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Another rank publishes `root` while this one generates: this one discards its own copy."""
-    reference = write_imagenet_layout(tmp_path / "reference", **SMALL)
-    root = tmp_path / "shapes"
+def publish_while_generating(monkeypatch: pytest.MonkeyPatch, reference: Path, root: Path) -> None:
+    """Simulate another rank: `reference` appears at `root` while this process renders its images."""
     real_render = synthetic.render_image
 
     def render_while_other_rank_finishes(scene: Scene) -> Image.Image:
@@ -366,6 +362,15 @@ def test_concurrent_writer_that_wins_the_rename_is_reused(
         return real_render(scene)
 
     monkeypatch.setattr(synthetic, "render_image", render_while_other_rank_finishes)
+
+
+def test_concurrent_writer_that_wins_the_rename_is_reused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another rank publishes `root` while this one generates: this one discards its own copy."""
+    reference = write_imagenet_layout(tmp_path / "reference", **SMALL)
+    root = tmp_path / "shapes"
+    publish_while_generating(monkeypatch, reference, root)
     assert ensure_imagenet_layout(root, **SMALL) == root
     assert tree_bytes(root) == tree_bytes(reference)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["reference", "shapes"]
@@ -376,14 +381,7 @@ def test_concurrent_writer_with_other_arguments_is_not_overwritten(
 ) -> None:
     reference = write_imagenet_layout(tmp_path / "reference", **{**SMALL, "seed": 5})
     root = tmp_path / "shapes"
-    real_render = synthetic.render_image
-
-    def render_while_other_rank_finishes(scene: Scene) -> Image.Image:
-        if not root.exists():
-            shutil.copytree(reference, root)
-        return real_render(scene)
-
-    monkeypatch.setattr(synthetic, "render_image", render_while_other_rank_finishes)
+    publish_while_generating(monkeypatch, reference, root)
     with pytest.raises(ValueError, match="seed"):
         ensure_imagenet_layout(root, **SMALL)
     assert tree_bytes(root) == tree_bytes(reference)
