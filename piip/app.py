@@ -92,7 +92,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        # memory-mapped: checking a resume reads key names and shapes, not gigabytes of weights
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # noqa: BLE001 - torch raises many types for corrupt files
         raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
     if not isinstance(checkpoint, dict) or "run_config" not in checkpoint.get("hyper_parameters", {}):
