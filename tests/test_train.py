@@ -183,6 +183,10 @@ def test_two_process_ddp_spawn_on_cpu(tmp_path, data_dir):
         "trainer.precision=32-true",
         "trainer.limit_train_batches=2",
         "logger=none",  # Lightning's CSVLogger cannot append to its file from a second spawn (fit, then test)
+        # ImageNet's per-branch cls-token heads: DDP must not meet the unread last interaction stage
+        "task.backbone.merge=none",
+        "task.backbone.classifier=per_branch",
+        "task.backbone.use_cls_token=true",
     )
     train_entry.train(cfg)
     results = json.loads((tmp_path / "run" / "results.json").read_text())

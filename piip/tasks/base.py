@@ -49,10 +49,9 @@ class PIIPTask(L.LightningModule):
                 log.info("branch %s: loaded %s (%d missing keys)", name, report.path, len(report.missing))
         if grad_checkpointing:
             self.backbone.set_grad_checkpointing(True)
-        unread = set(self.backbone.unread_parameters())
-        for name, param in self.backbone.named_parameters():
-            if name in unread:
-                param.requires_grad_(False)
+        unread = self.backbone.unread_parameters()
+        for name in unread:
+            self.backbone.get_parameter(name).requires_grad_(False)
         if unread:
             log.info("froze %d parameters no output reads (see PIIPBackbone.unread_parameters)", len(unread))
         self.ema: ModelEmaV3 | None = None
