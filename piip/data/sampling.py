@@ -99,11 +99,19 @@ def isolated_rng(seed: int) -> Iterator[None]:
 class SeededTransform(Dataset):
     """Wraps a dataset of `(image, target)` so that `dataset[SampleKey]` augments reproducibly."""
 
-    def __init__(self, dataset: Any, transform: Callable, seed: int, random_transform: bool = True) -> None:
+    def __init__(
+        self,
+        dataset: Any,
+        transform: Callable,
+        seed: int,
+        random_transform: bool = True,
+        pairwise: bool = False,
+    ) -> None:
         self.dataset = dataset
         self.transform = transform
         self.seed = seed
         self.random_transform = random_transform
+        self.pairwise = pairwise  # transform(image, target) -> (image, target), e.g. a flip that moves boxes
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -112,7 +120,10 @@ class SeededTransform(Dataset):
         index, epoch = (key.index, key.epoch) if isinstance(key, SampleKey) else (int(key), 0)
         image, target = self.dataset[index]
         if not self.random_transform:
-            return self.transform(image), target
+            return self._apply(image, target)
         seed = int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0])
         with isolated_rng(seed):
-            return self.transform(image), target
+            return self._apply(image, target)
+
+    def _apply(self, image: Any, target: Any) -> tuple[Any, Any]:
+        return self.transform(image, target) if self.pairwise else (self.transform(image), target)

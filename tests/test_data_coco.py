@@ -1,0 +1,166 @@
+"""COCO instances for torchvision detectors: encodings, crowd/empty/degenerate handling, labels, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from piip.data import DataError
+from piip.data.coco import CocoInstances, RandomFlip, collate_detection, horizontal_flip
+from piip.data.sampling import SampleKey, SeededTransform
+
+H, W = 20, 30
+
+
+def square_mask(x: int, y: int, size: int) -> np.ndarray:
+    mask = np.zeros((H, W), dtype=np.uint8)
+    mask[y : y + size, x : x + size] = 1
+    return mask
+
+
+@pytest.fixture
+def coco_root(tmp_path: Path) -> Path:
+    """3 images: polygons + compressed RLE + uncompressed RLE + a crowd; an empty one; a degenerate box."""
+    (tmp_path / "val2017").mkdir()
+    for i in (1, 2, 3):
+        Image.new("RGB", (W, H), (10 * i, 0, 0)).save(tmp_path / "val2017" / f"{i:012d}.jpg")
+    compressed = mask_utils.encode(np.asfortranarray(square_mask(20, 2, 6)))
+    uncompressed = {"size": [H, W], "counts": [int(v) for v in [2 * H + 4, 4, H - 4, 4, H * (W - 4) - 8]]}
+    annotations = [
+        {
+            "id": 1,
+            "image_id": 1,
+            "category_id": 3,
+            "bbox": [2, 2, 4, 4],
+            "area": 16,
+            "iscrowd": 0,
+            "segmentation": [[2, 2, 6, 2, 6, 6, 2, 6]],
+        },
+        {
+            "id": 2,
+            "image_id": 1,
+            "category_id": 7,
+            "bbox": [20, 2, 6, 6],
+            "area": 36,
+            "iscrowd": 0,
+            "segmentation": {"size": [H, W], "counts": compressed["counts"].decode()},
+        },
+        {
+            "id": 3,
+            "image_id": 1,
+            "category_id": 3,
+            "bbox": [2, 4, 2, 4],
+            "area": 16,
+            "iscrowd": 0,
+            "segmentation": uncompressed,
+        },
+        {
+            "id": 4,
+            "image_id": 1,
+            "category_id": 7,
+            "bbox": [10, 10, 5, 5],
+            "area": 25,
+            "iscrowd": 1,
+            "segmentation": {"size": [H, W], "counts": compressed["counts"].decode()},
+        },
+        {
+            "id": 5,
+            "image_id": 3,
+            "category_id": 3,
+            "bbox": [5, 5, 0, 3],
+            "area": 0,
+            "iscrowd": 0,
+            "segmentation": [[5, 5, 5, 8, 5, 8]],
+        },
+    ]
+    dataset = {
+        "images": [{"id": i, "file_name": f"{i:012d}.jpg", "height": H, "width": W} for i in (1, 2, 3)],
+        "annotations": annotations,
+        "categories": [{"id": 3, "name": "circle"}, {"id": 7, "name": "star"}],
+    }
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "instances_val2017.json").write_text(json.dumps(dataset))
+    return tmp_path
+
+
+def split(root: Path, train: bool) -> CocoInstances:
+    return CocoInstances(root / "val2017", root / "annotations" / "instances_val2017.json", train=train)
+
+
+def test_labels_are_contiguous_and_map_back_to_coco_ids(coco_root):
+    data = split(coco_root, train=False)
+    assert data.category_ids == [3, 7] and data.class_names == ["circle", "star"]
+    image, target = data[0]
+    assert image.shape == (3, H, W) and image.min() >= 0.0 and image.max() <= 1.0
+    assert target["labels"].tolist() == [1, 2, 1, 2]  # evaluation keeps the crowd region
+    assert [data.category_ids[k - 1] for k in target["labels"].tolist()] == [3, 7, 3, 7]
+
+
+def test_every_encoding_decodes_inside_its_box(coco_root):
+    image, target = split(coco_root, train=True)[0]
+    assert len(target["boxes"]) == 3  # the crowd region is dropped in training
+    assert target["masks"].shape == (3, H, W) and target["masks"].dtype == torch.uint8
+    for box, mask in zip(target["boxes"], target["masks"], strict=True):
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        assert len(ys) > 0
+        assert xs.min() >= box[0] - 1 and xs.max() <= box[2] and ys.min() >= box[1] - 1 and ys.max() <= box[3]
+    assert torch.equal(target["masks"][1], torch.from_numpy(square_mask(20, 2, 6)))
+
+
+def test_empty_images_and_degenerate_boxes_give_empty_targets(coco_root):
+    data = split(coco_root, train=True)
+    for index in (1, 2):  # image 2 has no annotation, image 3 only a zero-width box
+        _, target = data[index]
+        assert target["boxes"].shape == (0, 4) and target["labels"].shape == (0,)
+        assert target["masks"].shape == (0, H, W)
+
+
+def test_flip_moves_boxes_with_the_pixels(coco_root):
+    image, target = split(coco_root, train=True)[0]
+    flipped_image, flipped = horizontal_flip(image, target)
+    assert torch.equal(flipped_image.flip(-1), image)
+    assert torch.equal(flipped["masks"].flip(-1), target["masks"])
+    assert flipped["boxes"][0].tolist() == [W - 6, 2, W - 2, 6]
+    seeded = SeededTransform(split(coco_root, train=True), RandomFlip(0.5), seed=0, pairwise=True)
+    flips = {bool(seeded[SampleKey(0, e)][1]["boxes"][0, 0] != target["boxes"][0, 0]) for e in range(12)}
+    assert flips == {True, False}  # both outcomes occur across epochs, each reproducible
+    assert torch.equal(seeded[SampleKey(0, 3)][1]["boxes"], seeded[SampleKey(0, 3)][1]["boxes"])
+
+
+def test_collate_keeps_lists():
+    batch = [
+        (torch.zeros(3, 4, 5), {"boxes": torch.zeros(0, 4)}),
+        (torch.zeros(3, 6, 7), {"boxes": torch.zeros(1, 4)}),
+    ]
+    images, targets = collate_detection(batch)
+    assert [tuple(i.shape) for i in images] == [(3, 4, 5), (3, 6, 7)] and len(targets) == 2
+
+
+def test_bad_annotation_files_name_the_file(coco_root):
+    annotation = coco_root / "annotations" / "instances_val2017.json"
+    with pytest.raises(DataError, match="annotation file not found: .*instances_train2017.json"):
+        CocoInstances(coco_root / "val2017", coco_root / "annotations" / "instances_train2017.json", True)
+    dataset = json.loads(annotation.read_text())
+    dataset["annotations"][0]["category_id"] = 99
+    annotation.write_text(json.dumps(dataset))
+    with pytest.raises(DataError, match=r"instances_val2017.json: annotations use category ids \[99\]"):
+        split(coco_root, train=True)
+    annotation.write_text("{not json")
+    with pytest.raises(DataError, match="instances_val2017.json is not JSON"):
+        split(coco_root, train=True)
+    annotation.write_text(json.dumps({"images": []}))
+    with pytest.raises(DataError, match="not a COCO instances file: missing"):
+        split(coco_root, train=True)
+
+
+def test_missing_image_names_the_file(coco_root):
+    (coco_root / "val2017" / f"{2:012d}.jpg").unlink()
+    data = split(coco_root, train=True)
+    with pytest.raises(DataError, match=f"{2:012d}.jpg is listed in .*instances_val2017.json but missing"):
+        data[1]
