@@ -164,3 +164,22 @@ def test_missing_image_names_the_file(coco_root):
     data = split(coco_root, train=True)
     with pytest.raises(DataError, match=f"{2:012d}.jpg is listed in .*instances_val2017.json but missing"):
         data[1]
+
+
+def test_the_embedded_coco_data_loads_with_every_instance(tmp_path):
+    from piip.data.synthetic import COCO_CATEGORY_IDS, write_coco_layout
+
+    root = write_coco_layout(tmp_path / "coco", train_images=6, val_images=3, image_size=64, seed=0)
+    train = CocoInstances(root / "train2017", root / "annotations" / "instances_train2017.json", train=True)
+    assert train.category_ids == sorted(COCO_CATEGORY_IDS)
+    total = crowd = 0
+    for index in range(len(train)):
+        image, target = train[index]
+        anns = train.coco.imgToAnns.get(train.image_ids[index], [])
+        crowd += sum(a["iscrowd"] for a in anns)
+        total += len(target["boxes"])
+        assert image.shape == (3, 64, 64) and target["masks"].shape[1:] == (64, 64)
+        expected = [train.coco.annToMask(a) for a in anns if not a["iscrowd"]]
+        pairs = zip(target["masks"], expected, strict=True)
+        assert all(torch.equal(mask, torch.from_numpy(ann_mask)) for mask, ann_mask in pairs)
+    assert total > 0 and total + crowd == sum(len(train.coco.imgToAnns.get(i, [])) for i in train.image_ids)

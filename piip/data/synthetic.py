@@ -3,7 +3,7 @@
 The quick start (`python train.py`) and the test suite train on this data so that the real loading code
 runs without any download. Everything starts from a `Scene` (plain data: a background and shape instances in
 paint order) sampled from a seeded numpy Generator. The same scene renders to an RGB image, to per-instance
-visible masks, to a semantic map and to boxes, so every format writer (ImageNet folders now; COCO, ADE20K and
+visible masks, to a semantic map and to boxes, so every format writer (ImageNet folders, COCO and ADE20K now;
 LLaVA later) derives its files from one scene model.
 
 Class names: `SHAPE_CLASSES` is kept in alphabetical order and the ImageNet class folders carry the plain
@@ -23,7 +23,8 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -589,7 +590,10 @@ def _check_existing(root: Path, expected: dict[str, Any]) -> bool:
 
 
 def _check_counts(root: Path, expected: dict[str, Any]) -> None:
-    """Cheap completeness check (a directory listing per class) so that deleted files do not go unnoticed."""
+    """Cheap completeness check (directory listings only) so that deleted files do not go unnoticed."""
+    if expected["format"] != "imagenet":
+        _check_dense_counts(root, expected)
+        return
     extension = _EXTENSIONS[expected["args"]["image_format"]]
     for split in SPLITS:
         wanted = expected["args"][f"{split}_per_class"]
@@ -634,21 +638,14 @@ def write_imagenet_layout(
     _validate_args(train_per_class, val_per_class, image_size, seed, image_format)
     root = Path(root)
     expected = _imagenet_manifest(train_per_class, val_per_class, image_size, seed, image_format)
-    if root.exists() and not _is_empty_dir(root):
-        raise FileExistsError(f"{root} already exists and is not empty; ensure_imagenet_layout reuses it")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    temp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        temp.mkdir()
+
+    def fill(temp: Path) -> None:
         for split in SPLITS:
             per_class = train_per_class if split == "train" else val_per_class
             _write_split(temp, split, per_class, image_size, seed, image_format)
-        manifest = json.dumps(expected, indent=2, sort_keys=True) + "\n"
-        (temp / MANIFEST_NAME).write_text(manifest)
-        _publish(temp, root, expected)
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
+
+    start = time.perf_counter()
+    _write_atomically(root, expected, fill, "ensure_imagenet_layout")
     counts = expected["counts"]
     log.info(
         "Generated synthetic ImageNet-layout shapes at %s: %d train + %d val images (%d classes, %dpx) "
@@ -661,6 +658,41 @@ def write_imagenet_layout(
         time.perf_counter() - start,
     )
     return root
+
+
+def _write_atomically(
+    root: Path, expected: dict[str, Any], fill: Callable[[Path], None], ensure_name: str
+) -> None:
+    """Shared by every writer: `fill` writes the files into a hidden sibling temp directory, the manifest
+    is added last and the directory is renamed to `root` (see `_publish`). Refuses a non-empty `root`
+    (FileExistsError); the temp directory never outlives the call, whether it succeeds or fails."""
+    if root.exists() and not _is_empty_dir(root):
+        raise FileExistsError(f"{root} already exists and is not empty; {ensure_name} reuses it")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    temp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        temp.mkdir()
+        fill(temp)
+        manifest = json.dumps(expected, indent=2, sort_keys=True) + "\n"
+        (temp / MANIFEST_NAME).write_text(manifest)
+        _publish(temp, root, expected)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _ensure(root: Path, expected: dict[str, Any], write: Callable[[], Path], what: str) -> Path:
+    """Shared by every `ensure_*`: reuse a matching `root`, else generate it; a concurrent writer that
+    publishes first is reused if it matches (and refused with the differences otherwise)."""
+    if _check_existing(root, expected):
+        log.debug("Reusing synthetic %s at %s", what, root)
+        return root
+    try:
+        return write()
+    except FileExistsError:
+        # Another process published `root` between our check and our write: reuse it if it matches.
+        if _check_existing(root, expected):
+            return root
+        raise
 
 
 def _publish(temp: Path, root: Path, expected: dict[str, Any]) -> None:
@@ -692,20 +724,408 @@ def ensure_imagenet_layout(
     _validate_args(train_per_class, val_per_class, image_size, seed, image_format)
     root = Path(root)
     expected = _imagenet_manifest(train_per_class, val_per_class, image_size, seed, image_format)
-    if _check_existing(root, expected):
-        log.debug("Reusing synthetic ImageNet-layout shapes at %s", root)
-        return root
-    try:
-        return write_imagenet_layout(
+    return _ensure(
+        root,
+        expected,
+        lambda: write_imagenet_layout(
             root,
             train_per_class=train_per_class,
             val_per_class=val_per_class,
             image_size=image_size,
             seed=seed,
             image_format=image_format,
+        ),
+        "ImageNet-layout shapes",
+    )
+
+
+# ------------------------------------------------------------------------- dense layouts: COCO, ADE20K
+
+_COCO_STREAM = 1
+_ADE20K_STREAM = 2
+# Non-contiguous like real COCO (whose ids run 1..90 with gaps), so label-mapping code is exercised.
+COCO_CATEGORY_IDS: tuple[int, ...] = (1, 2, 3, 5, 8, 13, 21, 34)
+assert len(COCO_CATEGORY_IDS) == len(SHAPE_CLASSES)
+COCO_SPLIT_DIRS: dict[str, str] = {"train": "train2017", "val": "val2017"}
+ADE20K_DIR = "ADEChallengeData2016"
+ADE20K_SPLIT_DIRS: dict[str, str] = {"train": "training", "val": "validation"}
+_ADE20K_PREFIXES: dict[str, str] = {"train": "ADE_train_", "val": "ADE_val_"}
+_MIN_ANNOTATION_PIXELS = 4  # COCO instances with a smaller visible area are left out
+_JPEG_OPTIONS: dict[str, Any] = {"quality": 95, "subsampling": 0}
+
+__all__ += [
+    "ADE20K_DIR",
+    "ADE20K_SPLIT_DIRS",
+    "COCO_CATEGORY_IDS",
+    "COCO_SPLIT_DIRS",
+    "ade20k_scene",
+    "coco_scene",
+    "ensure_ade20k_layout",
+    "ensure_coco_layout",
+    "write_ade20k_layout",
+    "write_coco_layout",
+]
+
+
+def _dense_scene(seed: int, stream: int, split: str, index: int, image_size: int) -> Scene:
+    sequence = np.random.SeedSequence([seed, stream, SPLITS.index(split), index])
+    return sample_scene(np.random.default_rng(sequence), image_size, image_size, dominant=False)
+
+
+def coco_scene(seed: int, split: str, index: int, image_size: int, *, empty_every: int = 0) -> Scene:
+    """The multi-object scene of COCO image `index` (0-based) in `split`. With `empty_every` > 0, every
+    `empty_every`-th image (index + 1 divisible by it) keeps only its background."""
+    scene = _dense_scene(seed, _COCO_STREAM, split, index, image_size)
+    if empty_every > 0 and (index + 1) % empty_every == 0:
+        return Scene(scene.width, scene.height, scene.background)
+    return scene
+
+
+def ade20k_scene(seed: int, split: str, index: int, image_size: int) -> Scene:
+    """The multi-object scene of ADE20K-layout image `index` (0-based) in `split`."""
+    return _dense_scene(seed, _ADE20K_STREAM, split, index, image_size)
+
+
+def _validate_dense_args(**values: Any) -> None:
+    lows = {
+        "train_images": 1,
+        "val_images": 1,
+        "image_size": 16,
+        "seed": 0,
+        "crowd_every": 0,
+        "empty_every": 0,
+    }
+    for name, value in values.items():
+        low = lows[name]
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _dense_manifest(format_name: str, **args: int) -> dict[str, Any]:
+    manifest: dict[str, Any] = {
+        "generator": __name__,
+        "version": GENERATOR_VERSION,
+        "format": format_name,
+        "classes": list(SHAPE_CLASSES),
+        "args": {key: int(value) for key, value in args.items()},
+        "counts": {"train": int(args["train_images"]), "val": int(args["val_images"])},
+    }
+    if format_name == "coco":
+        manifest["category_ids"] = list(COCO_CATEGORY_IDS)
+    else:
+        manifest["labels"] = ["other", *SHAPE_CLASSES]  # label value -> name; 0 is ignored in training
+    return manifest
+
+
+def _dense_listing(expected: dict[str, Any]) -> list[tuple[Path, str, int]]:
+    """(folder relative to root, glob pattern, expected file count) of a complete dense layout."""
+    counts = expected["counts"]
+    if expected["format"] == "coco":
+        listing = [(Path(COCO_SPLIT_DIRS[s]), "*.jpg", counts[s]) for s in SPLITS]
+        return listing + [(Path("annotations"), "instances_*2017.json", len(SPLITS))]
+    listing = []
+    for split in SPLITS:
+        listing.append((Path(ADE20K_DIR, "images", ADE20K_SPLIT_DIRS[split]), "*.jpg", counts[split]))
+        listing.append((Path(ADE20K_DIR, "annotations", ADE20K_SPLIT_DIRS[split]), "*.png", counts[split]))
+    return listing
+
+
+def _check_dense_counts(root: Path, expected: dict[str, Any]) -> None:
+    for relative, pattern, wanted in _dense_listing(expected):
+        folder = root / relative
+        found = sum(1 for _ in folder.glob(pattern)) if folder.is_dir() else 0
+        if found != wanted:
+            raise ValueError(
+                f"{root} is incomplete or was modified: {folder} has {found} of {wanted} {pattern} files. "
+                f"Delete {root} to regenerate it."
+            )
+
+
+def _uncompressed_rle(mask: np.ndarray) -> dict[str, Any]:
+    """COCO uncompressed RLE: alternating run lengths of 0s and 1s in column-major order, 0s first."""
+    flat = mask.ravel(order="F").astype(np.int8)
+    bounds = np.concatenate([[0], np.flatnonzero(np.diff(flat)) + 1, [flat.size]])
+    counts = np.diff(bounds).tolist()
+    if flat.size and flat[0]:
+        counts = [0, *counts]
+    return {"counts": counts, "size": [int(mask.shape[0]), int(mask.shape[1])]}
+
+
+def _compressed_rle(mask: np.ndarray) -> dict[str, Any]:
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"counts": rle["counts"].decode("ascii"), "size": [int(v) for v in rle["size"]]}
+
+
+def _boundary_loops(mask: np.ndarray) -> list[list[tuple[int, int]]]:
+    """Closed loops of pixel edges around `mask` (vertices at integer pixel-corner coordinates, corners
+    only), each oriented clockwise on screen (y down) for an outer boundary and the other way for a hole."""
+    padded = np.pad(mask.astype(bool), 1)
+    inside = padded[1:-1, 1:-1]
+    successors: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    # Per boundary side of an inside pixel (x, y): the directed edge with the pixel on its right.
+    sides = (
+        (~padded[:-2, 1:-1], (0, 0), (1, 0)),  # outside above: top edge, left to right
+        (~padded[1:-1, 2:], (1, 0), (1, 1)),  # outside right: right edge, downwards
+        (~padded[2:, 1:-1], (1, 1), (0, 1)),  # outside below: bottom edge, right to left
+        (~padded[1:-1, :-2], (0, 1), (0, 0)),  # outside left: left edge, upwards
+    )
+    for outside, (sx, sy), (ex, ey) in sides:
+        for y, x in zip(*np.nonzero(inside & outside), strict=True):
+            successors.setdefault((int(x) + sx, int(y) + sy), []).append((int(x) + ex, int(y) + ey))
+    loops = []
+    while successors:
+        start = next(iter(successors))
+        loop, vertex = [start], start
+        while True:
+            following = successors[vertex]
+            nxt = following.pop()
+            if not following:
+                del successors[vertex]
+            if nxt == start:
+                break
+            loop.append(nxt)
+            vertex = nxt
+        # Keep corners only: drop vertices where the direction does not change.
+        corners = [
+            v
+            for i, v in enumerate(loop)
+            if (v[0] - loop[i - 1][0], v[1] - loop[i - 1][1])
+            != (loop[(i + 1) % len(loop)][0] - v[0], loop[(i + 1) % len(loop)][1] - v[1])
+        ]
+        loops.append(corners)
+    return loops
+
+
+def _mask_polygons(mask: np.ndarray) -> list[list[float]] | None:
+    """COCO polygons (one flat [x1, y1, x2, y2, ...] list per outer boundary, pixel-edge coordinates) that
+    pycocotools rasterises back to exactly `mask`, or None where polygons cannot (holes, e.g. a ring or a
+    shape enclosed by another; COCO unions its polygons, so a hole would be filled)."""
+    from pycocotools import mask as mask_utils
+
+    polygons = []
+    for loop in _boundary_loops(mask):
+        if len(loop) < 3:
+            return None
+        xs, ys = np.asarray(loop, dtype=float).T
+        signed_area = 0.5 * float(np.dot(xs, np.roll(ys, -1)) - np.dot(np.roll(xs, -1), ys))
+        if signed_area <= 0:  # counter-clockwise on screen: a hole
+            return None
+        polygons.append([float(v) for point in loop for v in point])
+    if not polygons:
+        return None
+    height, width = mask.shape
+    decoded = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(polygons, height, width)))
+    return polygons if np.array_equal(decoded.astype(bool), mask) else None
+
+
+def _coco_annotations(
+    scene: Scene, image_id: int, first_id: int, crowd_every: int
+) -> tuple[list[dict[str, Any]], Counter[str]]:
+    """Annotations of one scene with ids from `first_id`, and how often each segmentation encoding was used.
+
+    Encodings, all exact (they decode to the visible mask): `iscrowd=1` (every `crowd_every`-th annotation
+    id) -> compressed RLE string; a visible mask without holes -> polygons traced along its pixel edges
+    (one per connected piece); a mask with holes (rings, enclosed shapes) -> uncompressed RLE.
+    `bbox` and `area` come from the visible mask."""
+    annotations: list[dict[str, Any]] = []
+    encodings: Counter[str] = Counter()
+    for instance, mask in zip(scene.instances, render_instance_masks(scene), strict=True):
+        area = int(mask.sum())
+        if area < _MIN_ANNOTATION_PIXELS:
+            continue
+        annotation_id = first_id + len(annotations)
+        crowd = crowd_every > 0 and annotation_id % crowd_every == 0
+        polygon = None if crowd else _mask_polygons(mask)
+        if crowd:
+            segmentation: Any = _compressed_rle(mask)
+            encodings["rle"] += 1
+        elif polygon is not None:
+            segmentation = polygon
+            encodings["polygon"] += 1
+        else:
+            segmentation = _uncompressed_rle(mask)
+            encodings["uncompressed_rle"] += 1
+        x0, y0, x1, y1 = (int(v) for v in instance_boxes([mask])[0])
+        annotations.append(
+            {
+                "id": annotation_id,
+                "image_id": image_id,
+                "category_id": COCO_CATEGORY_IDS[instance.class_index],
+                "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+                "area": float(area),
+                "iscrowd": int(crowd),
+                "segmentation": segmentation,
+            }
         )
-    except FileExistsError:
-        # Another process published `root` between our check and our write: reuse it if it matches.
-        if _check_existing(root, expected):
-            return root
-        raise
+    return annotations, encodings
+
+
+def _write_coco_split(
+    temp: Path, split: str, count: int, image_size: int, seed: int, crowd_every: int, empty_every: int
+) -> Counter[str]:
+    folder = temp / COCO_SPLIT_DIRS[split]
+    folder.mkdir(parents=True)
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
+    encodings: Counter[str] = Counter()
+    for index in range(count):
+        image_id = index + 1
+        scene = coco_scene(seed, split, index, image_size, empty_every=empty_every)
+        file_name = f"{image_id:012d}.jpg"
+        render_image(scene).save(folder / file_name, format="JPEG", **_JPEG_OPTIONS)
+        images.append({"id": image_id, "file_name": file_name, "width": scene.width, "height": scene.height})
+        new, used = _coco_annotations(scene, image_id, len(annotations) + 1, crowd_every)
+        annotations += new
+        encodings += used
+    document = {
+        "info": {"description": "piip synthetic shapes", "version": str(GENERATOR_VERSION)},
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": [
+            {"id": category_id, "name": name, "supercategory": "shape"}
+            for category_id, name in zip(COCO_CATEGORY_IDS, SHAPE_CLASSES, strict=True)
+        ],
+    }
+    annotation_dir = temp / "annotations"
+    annotation_dir.mkdir(exist_ok=True)
+    text = json.dumps(document, separators=(",", ":"))
+    (annotation_dir / f"instances_{COCO_SPLIT_DIRS[split]}.json").write_text(text)
+    return encodings
+
+
+def write_coco_layout(
+    root: str | os.PathLike[str],
+    *,
+    train_images: int,
+    val_images: int,
+    image_size: int,
+    seed: int,
+    crowd_every: int = 10,
+    empty_every: int = 8,
+) -> Path:
+    """Write a COCO 2017 layout of multi-object scenes: `root/{train2017,val2017}/<id:012d>.jpg`,
+    `root/annotations/instances_{train2017,val2017}.json` and `root/piip_synthetic.json`.
+
+    Category ids are `COCO_CATEGORY_IDS` (non-contiguous), names `SHAPE_CLASSES`. Every `empty_every`-th
+    image has no objects and every `crowd_every`-th annotation is a crowd (0 disables either); see
+    `_coco_annotations` for the segmentation encodings. Atomic and refusing like `write_imagenet_layout`."""
+    args = {
+        "train_images": train_images,
+        "val_images": val_images,
+        "image_size": image_size,
+        "seed": seed,
+        "crowd_every": crowd_every,
+        "empty_every": empty_every,
+    }
+    _validate_dense_args(**args)
+    root = Path(root)
+    expected = _dense_manifest("coco", **args)
+    encodings: Counter[str] = Counter()
+
+    def fill(temp: Path) -> None:
+        nonlocal encodings
+        for split in SPLITS:
+            count = train_images if split == "train" else val_images
+            encodings += _write_coco_split(temp, split, count, image_size, seed, crowd_every, empty_every)
+
+    start = time.perf_counter()
+    _write_atomically(root, expected, fill, "ensure_coco_layout")
+    log.info(
+        "Generated synthetic COCO-layout shapes at %s: %d train + %d val images (%dpx; segmentations: %s) "
+        "in %.1f s",
+        root,
+        train_images,
+        val_images,
+        image_size,
+        ", ".join(f"{n} {k}" for k, n in sorted(encodings.items())) or "none",
+        time.perf_counter() - start,
+    )
+    return root
+
+
+def ensure_coco_layout(
+    root: str | os.PathLike[str],
+    *,
+    train_images: int,
+    val_images: int,
+    image_size: int,
+    seed: int,
+    crowd_every: int = 10,
+    empty_every: int = 8,
+) -> Path:
+    """`write_coco_layout` unless `root` already holds it; reuse and refusal as `ensure_imagenet_layout`."""
+    args = {
+        "train_images": train_images,
+        "val_images": val_images,
+        "image_size": image_size,
+        "seed": seed,
+        "crowd_every": crowd_every,
+        "empty_every": empty_every,
+    }
+    _validate_dense_args(**args)
+    root = Path(root)
+    return _ensure(
+        root, _dense_manifest("coco", **args), lambda: write_coco_layout(root, **args), "COCO-layout shapes"
+    )
+
+
+def _write_ade20k_split(temp: Path, split: str, count: int, image_size: int, seed: int) -> None:
+    image_dir = temp / ADE20K_DIR / "images" / ADE20K_SPLIT_DIRS[split]
+    label_dir = temp / ADE20K_DIR / "annotations" / ADE20K_SPLIT_DIRS[split]
+    image_dir.mkdir(parents=True)
+    label_dir.mkdir(parents=True)
+    for index in range(count):
+        scene = ade20k_scene(seed, split, index, image_size)
+        stem = f"{_ADE20K_PREFIXES[split]}{index + 1:08d}"
+        render_image(scene).save(image_dir / f"{stem}.jpg", format="JPEG", **_JPEG_OPTIONS)
+        Image.fromarray(render_semantic(scene), mode="L").save(label_dir / f"{stem}.png", format="PNG")
+
+
+def write_ade20k_layout(
+    root: str | os.PathLike[str], *, train_images: int, val_images: int, image_size: int, seed: int
+) -> Path:
+    """Write an ADE20K (SceneParsing) layout of multi-object scenes: `root/ADEChallengeData2016/images/
+    {training,validation}/ADE_{train,val}_<n:08d>.jpg` (n from 1), same-stem single-channel uint8 PNG label
+    maps under `annotations/` (0 = other/background, ignored by reduce-zero-label; `class_index + 1` for
+    shapes, i.e. `render_semantic`), and `root/piip_synthetic.json`. Atomic and refusing like
+    `write_imagenet_layout`."""
+    args = {"train_images": train_images, "val_images": val_images, "image_size": image_size, "seed": seed}
+    _validate_dense_args(**args)
+    root = Path(root)
+    expected = _dense_manifest("ade20k", **args)
+
+    def fill(temp: Path) -> None:
+        for split in SPLITS:
+            _write_ade20k_split(
+                temp, split, train_images if split == "train" else val_images, image_size, seed
+            )
+
+    start = time.perf_counter()
+    _write_atomically(root, expected, fill, "ensure_ade20k_layout")
+    log.info(
+        "Generated synthetic ADE20K-layout shapes at %s: %d train + %d val images (%dpx) in %.1f s",
+        root,
+        train_images,
+        val_images,
+        image_size,
+        time.perf_counter() - start,
+    )
+    return root
+
+
+def ensure_ade20k_layout(
+    root: str | os.PathLike[str], *, train_images: int, val_images: int, image_size: int, seed: int
+) -> Path:
+    """`write_ade20k_layout` unless `root` already holds it; reuse and refusal as `ensure_imagenet_layout`."""
+    args = {"train_images": train_images, "val_images": val_images, "image_size": image_size, "seed": seed}
+    _validate_dense_args(**args)
+    root = Path(root)
+    return _ensure(
+        root,
+        _dense_manifest("ade20k", **args),
+        lambda: write_ade20k_layout(root, **args),
+        "ADE20K-layout shapes",
+    )
