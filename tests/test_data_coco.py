@@ -183,3 +183,20 @@ def test_the_embedded_coco_data_loads_with_every_instance(tmp_path):
         pairs = zip(target["masks"], expected, strict=True)
         assert all(torch.equal(mask, torch.from_numpy(ann_mask)) for mask, ann_mask in pairs)
     assert total > 0 and total + crowd == sum(len(train.coco.imgToAnns.get(i, [])) for i in train.image_ids)
+
+
+def test_datamodule_writes_the_embedded_data_and_batches_lists(tmp_path):
+    from piip.data.coco import CocoDataModule
+
+    synthetic = {"train_images": 6, "val_images": 3, "image_size": 64, "seed": 0}
+    data = CocoDataModule(
+        str(tmp_path / "coco"), batch_size=2, num_workers=0, pin_memory=False, synthetic=synthetic
+    )
+    data.prepare_data()
+    assert data.num_classes == 8
+    images, targets = next(iter(data.train_dataloader()))
+    assert len(images) == len(targets) == 2 and images[0].shape == (3, 64, 64)
+    assert set(targets[0]) == {"boxes", "labels", "masks", "image_id"}
+    assert len(data.train_dataloader()) == 3 and len(list(data.val_dataloader())) == 2
+    data.load_state_dict({"epoch": 0, "batches_done": 1, "batch_size": 2})  # resumes like every piip loader
+    assert len(list(data.train_dataloader())) == 2

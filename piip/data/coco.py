@@ -19,7 +19,9 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torchvision.transforms.functional import pil_to_tensor
 
+from piip.data.base import ResumableDataModule
 from piip.data.imagenet import DataError, load_rgb
+from piip.data.sampling import SeededTransform
 
 log = logging.getLogger(__name__)
 
@@ -142,3 +144,67 @@ def collate_detection(batch: list[tuple[torch.Tensor, dict]]) -> tuple[list[torc
     """torchvision detectors take lists: images of different sizes are batched by their transform."""
     images, targets = zip(*batch, strict=True)
     return list(images), list(targets)
+
+
+class CocoDataModule(ResumableDataModule):
+    """COCO 2017 layout under `root`; `synthetic` writes the embedded shapes in that layout on first use.
+
+    Images reach the detector unresized (its transform resizes, normalises and pads); training flips
+    horizontally with probability `flip`, drawn per sample from the seeded RNG.
+    """
+
+    collate_fn = staticmethod(collate_detection)
+
+    def __init__(
+        self,
+        root: str,
+        batch_size: int = 2,
+        eval_batch_size: int | None = None,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        seed: int = 0,
+        flip: float = 0.5,
+        train_split: str = "train2017",
+        val_split: str = "val2017",
+        synthetic: dict[str, Any] | None = None,
+        input_size: int | None = None,  # accepted for the shared builder; the detector's transform resizes
+    ) -> None:
+        super().__init__(batch_size, eval_batch_size, num_workers, pin_memory, persistent_workers, seed)
+        self.root = Path(root)
+        self.flip = flip
+        self.splits = {"train": train_split, "val": val_split}
+        self.synthetic = synthetic
+        self.sets: dict[str, CocoInstances] = {}
+
+    def prepare_data(self) -> None:
+        if self.synthetic is not None:
+            from piip.data.synthetic import ensure_coco_layout
+
+            ensure_coco_layout(self.root, **self.synthetic)
+
+    def annotation_file(self, split: str) -> Path:
+        return self.root / "annotations" / f"instances_{self.splits[split]}.json"
+
+    def split(self, split: str) -> CocoInstances:
+        if split not in self.sets:
+            self.sets[split] = CocoInstances(
+                self.root / self.splits[split], self.annotation_file(split), train=split == "train"
+            )
+        return self.sets[split]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.split("val").category_ids)
+
+    def train_dataset(self) -> SeededTransform:
+        return SeededTransform(self.split("train"), RandomFlip(self.flip), self.seed, pairwise=True)
+
+    def val_dataset(self) -> SeededTransform:
+        return SeededTransform(
+            self.split("val"), _unchanged, self.seed, random_transform=False, pairwise=True
+        )
+
+
+def _unchanged(image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
+    return image, target

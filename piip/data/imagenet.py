@@ -10,14 +10,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import lightning as L
-from lightning.pytorch.trainer.states import TrainerFn
 from PIL import Image
 from timm.data import create_transform
-from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
-from piip.data.sampling import ResumableSampler, SeededTransform
+from piip.data.base import ResumableDataModule
+from piip.data.sampling import SeededTransform
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +49,7 @@ def image_folder(split_dir: Path) -> ImageFolder:
         raise DataError(f"{split_dir}: {err}") from err
 
 
-class ImageFolderDataModule(L.LightningDataModule):
+class ImageFolderDataModule(ResumableDataModule):
     """Train/val loaders with timm transforms; the input size follows the model's highest resolution.
 
     `train_transform` takes timm `create_transform` arguments (auto_augment, color_jitter, re_prob, scale,
@@ -76,22 +74,15 @@ class ImageFolderDataModule(L.LightningDataModule):
         train_transform: dict[str, Any] | None = None,
         synthetic: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, eval_batch_size, num_workers, pin_memory, persistent_workers, seed)
         self.root = Path(root)
         self.input_size = input_size
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
-        self.persistent_workers = persistent_workers and num_workers > 0
-        self.seed = seed
         self.norm = {"mean": tuple(mean), "std": tuple(std), "interpolation": interpolation}
         self.eval_crop_pct = eval_crop_pct
         self.train_transform_args = dict(train_transform or {})
         self.synthetic = synthetic
         self.train_set: ImageFolder | None = None
         self.val_set: ImageFolder | None = None
-        self._resume: dict[str, int] | None = None
 
     # -- data on disk -------------------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -132,69 +123,11 @@ class ImageFolderDataModule(L.LightningDataModule):
             self.input_size, is_training=False, crop_pct=self.eval_crop_pct, crop_mode="center", **self.norm
         )
 
-    # -- loaders ------------------------------------------------------------------------------------------
-    def _sampler(self, size: int, train: bool) -> ResumableSampler:
-        trainer = self.trainer
-        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        return ResumableSampler(
-            size, shuffle=train, seed=self.seed, num_replicas=world, rank=rank, drop_last=train
-        )
-
-    def _loader(self, dataset: SeededTransform, sampler: ResumableSampler, batch_size: int, train: bool):
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers,
-            drop_last=train,  # Mixup needs even, full batches
-        )
-
-    def train_dataloader(self) -> DataLoader:
+    # -- datasets for the shared loaders ------------------------------------------------------------------
+    def train_dataset(self) -> SeededTransform:
         self.setup("fit")
-        sampler = self._sampler(len(self.train_set), train=True)
-        if self._resume is not None:
-            self._apply_resume(sampler)
-        dataset = SeededTransform(self.train_set, self.train_transform(), self.seed)
-        return self._loader(dataset, sampler, self.batch_size, train=True)
+        return SeededTransform(self.train_set, self.train_transform(), self.seed)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataset(self) -> SeededTransform:
         self.setup("validate")
-        dataset = SeededTransform(self.val_set, self.eval_transform(), self.seed, random_transform=False)
-        return self._loader(dataset, self._sampler(len(dataset), train=False), self.eval_batch_size, False)
-
-    def test_dataloader(self) -> DataLoader:
-        """ImageNet has no public test labels: the test stage evaluates the val split."""
-        return self.val_dataloader()
-
-    # -- resuming mid-epoch -------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, int]:
-        """Where training stands in the data: saved in every checkpoint, read back before loaders exist."""
-        trainer = self.trainer
-        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
-            return {}
-        return {
-            "epoch": trainer.current_epoch,
-            "batches_done": trainer.fit_loop.epoch_loop.batch_progress.current.processed,
-            "batch_size": self.batch_size,
-        }
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self._resume = dict(state) if state else None
-
-    def _apply_resume(self, sampler: ResumableSampler) -> None:
-        state, self._resume = self._resume, None
-        if state["batch_size"] != self.batch_size:
-            log.warning(
-                "resuming with batch size %d instead of %d: the interrupted epoch restarts from the start",
-                self.batch_size,
-                state["batch_size"],
-            )
-            sampler.resume(state["epoch"], 0)
-            return
-        batches_per_epoch = len(sampler) // self.batch_size
-        if state["batches_done"] >= batches_per_epoch:
-            sampler.resume(state["epoch"] + 1, 0)
-        else:
-            sampler.resume(state["epoch"], state["batches_done"] * self.batch_size)
+        return SeededTransform(self.val_set, self.eval_transform(), self.seed, random_transform=False)
