@@ -249,22 +249,28 @@ def test_generation_logs_one_line(tmp_path: Path, caplog: pytest.LogCaptureFixtu
     assert str(root) in lines[0] and "24 train + 16 val" in lines[0] and " s" in lines[0]
 
 
-def test_interrupted_generation_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def crash_render_after(monkeypatch: pytest.MonkeyPatch, images: int) -> list[int]:
+    """Make rendering fail after `images` images; returns a one-item list counting the render calls."""
     real_render = synthetic.render_image
-    calls = 0
+    calls = [0]
 
     def failing_render(scene: Scene) -> Image.Image:
-        nonlocal calls
-        calls += 1
-        if calls > 10:
+        calls[0] += 1
+        if calls[0] > images:
             raise RuntimeError("simulated crash")
         return real_render(scene)
 
     monkeypatch.setattr(synthetic, "render_image", failing_render)
+    return calls
+
+
+def test_interrupted_generation_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_render = synthetic.render_image
+    calls = crash_render_after(monkeypatch, 10)
     root = tmp_path / "shapes"
     with pytest.raises(RuntimeError, match="simulated crash"):
         ensure_imagenet_layout(root, **SMALL)
-    assert calls == 11
+    assert calls == [11]
     assert list(tmp_path.iterdir()) == [], "neither root nor a temp dir may remain"
 
     monkeypatch.setattr(synthetic, "render_image", real_render)

@@ -25,6 +25,7 @@ from piip.data.synthetic import (
     write_ade20k_layout,
     write_coco_layout,
 )
+from tests.test_data_synthetic import crash_render_after
 
 COCO_ARGS = {
     "train_images": 6,
@@ -161,16 +162,7 @@ def test_interrupted_generation_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ensure: object, args: dict[str, int]
 ) -> None:
     real_render = synthetic.render_image
-    calls = 0
-
-    def failing_render(scene: Scene) -> Image.Image:
-        nonlocal calls
-        calls += 1
-        if calls > 7:
-            raise RuntimeError("simulated crash")
-        return real_render(scene)
-
-    monkeypatch.setattr(synthetic, "render_image", failing_render)
+    crash_render_after(monkeypatch, 7)
     root = tmp_path / "data"
     with pytest.raises(RuntimeError, match="simulated crash"):
         ensure(root, **args)  # type: ignore[operator]

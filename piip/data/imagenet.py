@@ -103,16 +103,14 @@ class ImageFolderDataModule(ResumableDataModule):
                 )
 
     @property
-    def num_classes(self) -> int:
-        if self.val_set is None:
-            self.setup("validate")
-        return len(self.val_set.classes)
-
-    @property
     def classes(self) -> list[str]:
         if self.val_set is None:
             self.setup("validate")
         return list(self.val_set.classes)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
 
     # -- transforms ---------------------------------------------------------------------------------------
     def train_transform(self):
