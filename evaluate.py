@@ -2,7 +2,8 @@
 
 Rebuilds model and data from the config saved in the checkpoint, runs the task's evaluation (the
 validation split), prints a metrics table and writes them to `results.json` beside the checkpoint, keyed by
-checkpoint file name so evaluating several checkpoints of one run keeps every result.
+checkpoint file name so evaluating several checkpoints of one run keeps every result. Detection also writes
+the COCO results JSON files (`<checkpoint>_bbox.json`, `<checkpoint>_segm.json`) the COCO server accepts.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
@@ -22,17 +23,11 @@ from piip.config import CONF_DIR
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     app.configure_cpu_math()
     ckpt_path = Path(cfg.ckpt_path).expanduser().resolve()
-    checkpoint = app.read_checkpoint(ckpt_path)
-    hparams = checkpoint["hyper_parameters"]
-    saved = OmegaConf.create(hparams["run_config"])
     data_overrides = {k: v for k, v in cfg.data.items() if v is not None}
-    saved.task.data = OmegaConf.merge(saved.task.data, data_overrides)
-    backbone = hparams["backbone"]
-    module = app.build_task(saved, backbone, load_pretrained=False)
-    app.check_weights_fit(ckpt_path, checkpoint, module)
-    module.load_state_dict(checkpoint["state_dict"])
+    saved, backbone, module = app.load_task_from_checkpoint(ckpt_path, data_overrides)
     if cfg.use_ema is False:
         module.ema = None
+    module.predictions_prefix = ckpt_path.with_suffix("")  # e.g. best_bbox.json for COCO
     datamodule = app.build_datamodule(saved, backbone)
     trainer = app.build_trainer(cfg, app.build_all(cfg, "callbacks"), app.build_all(cfg, "logger"))
     metrics = app.scalars(trainer.validate(module, datamodule=datamodule)[0])

@@ -14,7 +14,7 @@ import torch
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import WandbLogger
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from piip.config import plain
 from piip.models.config import ConfigError
@@ -125,6 +125,22 @@ def check_weights_fit(path: str | Path, checkpoint: dict[str, Any], module: torc
             f"({len(problems)} mismatches, e.g. {'; '.join(problems[:3])}). Pick the matching model=… or "
             "another checkpoint."
         )
+
+
+def load_task_from_checkpoint(
+    ckpt_path: Path, data_overrides: dict[str, Any] | None = None
+) -> tuple[DictConfig, dict[str, Any], PIIPTask]:
+    """Rebuild the run config (with `task.data` overrides), backbone settings and trained module."""
+    checkpoint = read_checkpoint(ckpt_path)
+    hparams = checkpoint["hyper_parameters"]
+    saved = OmegaConf.create(hparams["run_config"])
+    saved.task.data = OmegaConf.merge(saved.task.data, data_overrides or {})
+    backbone = hparams["backbone"]
+    module = build_task(saved, backbone, load_pretrained=False)
+    check_weights_fit(ckpt_path, checkpoint, module)
+    module.load_state_dict(checkpoint["state_dict"])
+    module.on_load_checkpoint(checkpoint)
+    return saved, backbone, module
 
 
 def resolve_resume(cfg: DictConfig, module: torch.nn.Module, run_dir: Path) -> str | None:

@@ -12,7 +12,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from piip.data import DataError
-from piip.data.coco import CocoInstances, RandomFlip, collate_detection, horizontal_flip
+from piip.data.coco import CocoInstances, collate_detection
+from piip.data.detection_transforms import DetectionAugmentation
 from piip.data.sampling import SampleKey, SeededTransform
 
 H, W = 20, 30
@@ -97,7 +98,8 @@ def test_labels_are_contiguous_and_map_back_to_coco_ids(coco_root):
     data = split(coco_root, train=False)
     assert data.category_ids == [3, 7] and data.class_names == ["circle", "star"]
     image, target = data[0]
-    assert image.shape == (3, H, W) and image.min() >= 0.0 and image.max() <= 1.0
+    assert image.shape == (3, H, W) and image.dtype == torch.uint8
+    assert target["orig_size"].tolist() == [H, W]
     assert target["labels"].tolist() == [1, 2, 1, 2]  # evaluation keeps the crowd region
     assert [data.category_ids[k - 1] for k in target["labels"].tolist()] == [3, 7, 3, 7]
 
@@ -123,11 +125,13 @@ def test_empty_images_and_degenerate_boxes_give_empty_targets(coco_root):
 
 def test_flip_moves_boxes_with_the_pixels(coco_root):
     image, target = split(coco_root, train=True)[0]
-    flipped_image, flipped = horizontal_flip(image, target)
+    always = DetectionAugmentation.from_config(W, scale=[W, H], flip=1.0).train_transform()  # no resize
+    flipped_image, flipped = always(image, target)
     assert torch.equal(flipped_image.flip(-1), image)
     assert torch.equal(flipped["masks"].flip(-1), target["masks"])
     assert flipped["boxes"][0].tolist() == [W - 6, 2, W - 2, 6]
-    seeded = SeededTransform(split(coco_root, train=True), RandomFlip(0.5), seed=0, pairwise=True)
+    sometimes = DetectionAugmentation.from_config(W, scale=[W, H], flip=0.5).train_transform()
+    seeded = SeededTransform(split(coco_root, train=True), sometimes, seed=0, pairwise=True)
     flips = {bool(seeded[SampleKey(0, e)][1]["boxes"][0, 0] != target["boxes"][0, 0]) for e in range(12)}
     assert flips == {True, False}  # both outcomes occur across epochs, each reproducible
     assert torch.equal(seeded[SampleKey(0, 3)][1]["boxes"], seeded[SampleKey(0, 3)][1]["boxes"])
@@ -190,13 +194,19 @@ def test_datamodule_writes_the_embedded_data_and_batches_lists(tmp_path):
 
     synthetic = {"train_images": 6, "val_images": 3, "image_size": 64, "seed": 0}
     data = CocoDataModule(
-        str(tmp_path / "coco"), batch_size=2, num_workers=0, pin_memory=False, synthetic=synthetic
+        str(tmp_path / "coco"),
+        input_size=64,
+        scale=[64, 64],
+        batch_size=2,
+        num_workers=0,
+        pin_memory=False,
+        synthetic=synthetic,
     )
     data.prepare_data()
     assert data.num_classes == 8
     images, targets = next(iter(data.train_dataloader()))
     assert len(images) == len(targets) == 2 and images[0].shape == (3, 64, 64)
-    assert set(targets[0]) == {"boxes", "labels", "masks", "image_id"}
+    assert set(targets[0]) == {"boxes", "labels", "masks", "image_id", "orig_size"}
     assert len(data.train_dataloader()) == 3 and len(list(data.val_dataloader())) == 2
     data.load_state_dict({"epoch": 0, "batches_done": 1, "batch_size": 2})  # resumes like every piip loader
     assert len(list(data.train_dataloader())) == 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -46,6 +47,10 @@ class ResumableDataModule(L.LightningDataModule):
 
     def val_dataset(self) -> Dataset:
         raise NotImplementedError
+
+    def prediction_input(self, path: str | Path) -> tuple[Any, Any]:
+        """A user's image file as validation would see it, with the target its task needs to draw."""
+        raise NotImplementedError(f"{type(self).__name__} does not prepare single images for prediction")
 
     # -- loaders ------------------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:

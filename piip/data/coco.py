@@ -1,9 +1,10 @@
 """COCO instances (`train2017/`, `val2017/`, `annotations/instances_*.json`) for torchvision detection models.
 
-Images come out as float tensors in [0, 1] at their stored size: resizing, normalisation and padding belong
-to the detector's `GeneralizedRCNNTransform`, so they happen exactly once. Targets follow torchvision's
-convention (`boxes` xyxy, `labels` 1..K contiguous, `masks` N×H×W uint8); `category_ids` maps labels back
-to COCO ids for the results JSON.
+Images come out as uint8 `tv_tensors.Image`s resized in the loader workers (mmdet's keep-ratio rule,
+`piip.data.detection_transforms`); normalisation and padding happen on the device in the detector. Targets
+follow torchvision's convention (`boxes` xyxy, `labels` 1..K contiguous, `masks` N×H×W uint8) plus
+`orig_size`, so predictions are mapped back to the stored image for COCO evaluation; `category_ids` maps
+labels back to COCO ids for the results JSON.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
+from torchvision import tv_tensors
 from torchvision.transforms.functional import pil_to_tensor
 
 from piip.data.base import ResumableDataModule
+from piip.data.detection_transforms import DetectionAugmentation, empty_target
 from piip.data.imagenet import DataError, load_rgb
 from piip.data.sampling import SeededTransform
 
@@ -91,14 +94,21 @@ class CocoInstances(torch.utils.data.Dataset):
             labels.append(self.label_of[ann["category_id"]])
             masks.append(self._mask(ann, height, width))
         target = {
-            "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            "boxes": tv_tensors.BoundingBoxes(
+                torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                format="XYXY",
+                canvas_size=(height, width),
+            ),
             "labels": torch.tensor(labels, dtype=torch.int64),
-            "masks": torch.from_numpy(np.stack(masks))
-            if masks
-            else torch.zeros(0, height, width, dtype=torch.uint8),
+            "masks": tv_tensors.Mask(
+                torch.from_numpy(np.stack(masks))
+                if masks
+                else torch.zeros(0, height, width, dtype=torch.uint8)
+            ),
             "image_id": torch.tensor(image_id),
+            "orig_size": torch.tensor([height, width]),
         }
-        return pil_to_tensor(image).float() / 255.0, target
+        return tv_tensors.Image(pil_to_tensor(image)), target
 
     @staticmethod
     def _mask(ann: dict[str, Any], height: int, width: int) -> np.ndarray:
@@ -117,40 +127,20 @@ class CocoInstances(torch.utils.data.Dataset):
         return mask_utils.decode(rle).astype(np.uint8)
 
 
-def horizontal_flip(image: torch.Tensor, target: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-    """Flip image, boxes and masks together."""
-    width = image.shape[-1]
-    flipped = dict(target)
-    boxes = target["boxes"].clone()
-    boxes[:, [0, 2]] = width - target["boxes"][:, [2, 0]]
-    flipped["boxes"] = boxes
-    flipped["masks"] = target["masks"].flip(-1)
-    return image.flip(-1), flipped
-
-
-class RandomFlip:
-    """Horizontal flip with probability `p`; draws from the RNG `SeededTransform` seeds per sample."""
-
-    def __init__(self, p: float = 0.5) -> None:
-        self.p = p
-
-    def __call__(self, image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
-        if torch.rand(()) < self.p:
-            return horizontal_flip(image, target)
-        return image, target
-
-
 def collate_detection(batch: list[tuple[torch.Tensor, dict]]) -> tuple[list[torch.Tensor], list[dict]]:
-    """torchvision detectors take lists: images of different sizes are batched by their transform."""
+    """torchvision detectors take lists (the detector pads); `tv_tensors` become plain tensors here, so
+    box arithmetic in the model does not carry their metadata along."""
     images, targets = zip(*batch, strict=True)
-    return list(images), list(targets)
+    plain = [{k: v.as_subclass(torch.Tensor) for k, v in t.items()} for t in targets]
+    return [image.as_subclass(torch.Tensor) for image in images], plain
 
 
 class CocoDataModule(ResumableDataModule):
     """COCO 2017 layout under `root`; `synthetic` writes the embedded shapes in that layout on first use.
 
-    Images reach the detector unresized (its transform resizes, normalises and pads); training flips
-    horizontally with probability `flip`, drawn per sample from the seeded RNG.
+    Resizing follows `DetectionAugmentation` (single scale from the highest branch resolution unless the
+    config names scales); training flips horizontally with probability `flip`. Every random draw comes from
+    the per-sample seeded RNG, so a resumed run sees the same augmentations.
     """
 
     collate_fn = staticmethod(collate_detection)
@@ -158,6 +148,7 @@ class CocoDataModule(ResumableDataModule):
     def __init__(
         self,
         root: str,
+        input_size: int,
         batch_size: int = 2,
         eval_batch_size: int | None = None,
         num_workers: int = 4,
@@ -165,14 +156,26 @@ class CocoDataModule(ResumableDataModule):
         persistent_workers: bool = True,
         seed: int = 0,
         flip: float = 0.5,
+        scale: list[int] | None = None,
+        train_scales: list[list[int]] | None = None,
+        detr_crop: dict[str, Any] | None = None,
+        crop: int | None = None,
+        test_scale: list[int] | None = None,
         train_split: str = "train2017",
         val_split: str = "val2017",
         synthetic: dict[str, Any] | None = None,
-        input_size: int | None = None,  # accepted for the shared builder; the detector's transform resizes
     ) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers, pin_memory, persistent_workers, seed)
         self.root = Path(root)
-        self.flip = flip
+        self.augmentation = DetectionAugmentation.from_config(
+            input_size,
+            scale=scale,
+            train_scales=train_scales,
+            detr_crop=detr_crop,
+            crop=crop,
+            test_scale=test_scale,
+            flip=flip,
+        )
         self.splits = {"train": train_split, "val": val_split}
         self.synthetic = synthetic
         self.sets: dict[str, CocoInstances] = {}
@@ -195,16 +198,30 @@ class CocoDataModule(ResumableDataModule):
 
     @property
     def num_classes(self) -> int:
-        return len(self.split("val").category_ids)
+        return len(self.category_ids)
+
+    @property
+    def category_ids(self) -> list[int]:
+        """COCO category id of each contiguous label (label k is `category_ids[k - 1]`)."""
+        return self.split("val").category_ids
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.split("val").class_names
+
+    def ground_truth(self) -> COCO:
+        """The validation annotations, as COCOeval reads them."""
+        return self.split("val").coco
 
     def train_dataset(self) -> SeededTransform:
-        return SeededTransform(self.split("train"), RandomFlip(self.flip), self.seed, pairwise=True)
+        transform = self.augmentation.train_transform()
+        return SeededTransform(self.split("train"), transform, self.seed, pairwise=True)
 
     def val_dataset(self) -> SeededTransform:
-        return SeededTransform(
-            self.split("val"), _unchanged, self.seed, random_transform=False, pairwise=True
-        )
+        transform = self.augmentation.eval_transform()
+        return SeededTransform(self.split("val"), transform, self.seed, random_transform=False, pairwise=True)
 
-
-def _unchanged(image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
-    return image, target
+    def prediction_input(self, path: str | Path) -> tuple[tv_tensors.Image, dict[str, torch.Tensor]]:
+        """A user's image file, resized as validation images are, with an empty target."""
+        image = tv_tensors.Image(pil_to_tensor(load_rgb(str(path))))
+        return self.augmentation.eval_transform()(image, empty_target(*image.shape[-2:]))

@@ -2,5 +2,6 @@
 
 from piip.tasks.base import NonFiniteLossError, PIIPTask
 from piip.tasks.classification import ClassificationTask
+from piip.tasks.detection import DetectionTask
 
-__all__ = ["ClassificationTask", "NonFiniteLossError", "PIIPTask"]
+__all__ = ["ClassificationTask", "DetectionTask", "NonFiniteLossError", "PIIPTask"]

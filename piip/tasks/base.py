@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import copy
 import logging
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from timm.utils import ModelEmaV3
 from torch import nn
@@ -54,6 +56,10 @@ class PIIPTask(L.LightningModule):
             self.backbone.get_parameter(name).requires_grad_(False)
         if unread:
             log.info("froze %d parameters no output reads (see PIIPBackbone.unread_parameters)", len(unread))
+        # evaluate.py points this at the checkpoint; tasks with per-image predictions (COCO results JSON)
+        # write `<prefix>_<kind>.json` there
+        self.predictions_prefix: Path | None = None
+        self.class_names: list[str] | None = None  # from the data, kept in checkpoints for drawing
         self.ema: ModelEmaV3 | None = None
         if self.optim_config.ema_decay:
             self.ema = ModelEmaV3(self.backbone, decay=self.optim_config.ema_decay)
@@ -108,6 +114,18 @@ class PIIPTask(L.LightningModule):
     def log_lr(self) -> None:
         optimizer = self.trainer.optimizers[0]
         self.log("train/lr", max(g["lr"] for g in optimizer.param_groups), on_step=True, on_epoch=False)
+
+    def annotate(self, images: list[torch.Tensor], targets: list[dict[str, Any]]) -> list[np.ndarray]:
+        """Predictions drawn on the images (H×W×3 uint8), for `piip.tools.predict` and validation logging."""
+        raise NotImplementedError(f"{type(self).__name__} does not draw its predictions")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        names = getattr(self.trainer.datamodule, "class_names", None) if self._trainer is not None else None
+        if names or self.class_names:
+            checkpoint["class_names"] = list(names or self.class_names)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.class_names = checkpoint.get("class_names", self.class_names)
 
     def evaluation_models(self) -> dict[str, nn.Module]:
         """Models evaluated at validation/test: the trained weights and, when kept, their EMA."""

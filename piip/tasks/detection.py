@@ -1,0 +1,197 @@
+"""COCO detection and instance segmentation: Mask R-CNN on the backbone's 4-level pyramid (PAPER.md §3.3).
+
+Validation collects every image's detections as COCO results entries, gathers them on rank 0 and scores
+them with pycocotools `COCOeval` against the split's annotation file, so the logged `val/bbox_mAP` and
+`val/segm_mAP` are the official numbers. `evaluate.py` also writes the entries as the results JSON files
+the COCO server accepts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
+from piip.metrics import coco as coco_metrics
+from piip.models.config import ConfigError
+from piip.models.mask_rcnn import MaskRCNN, MaskRCNNConfig
+from piip.tasks.base import PIIPTask
+from piip.tasks.visualise import log_images
+
+log = logging.getLogger(__name__)
+
+Batch = tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]
+
+
+class DetectionTask(PIIPTask):
+    """`detector` holds `MaskRCNNConfig` fields; `num_classes` counts object classes (no background)."""
+
+    def __init__(
+        self,
+        backbone: dict[str, Any],
+        optim: dict[str, Any],
+        num_classes: int,
+        detector: dict[str, Any] | None = None,
+        num_visualised: int = 4,
+        score_to_draw: float = 0.5,
+        **base: Any,
+    ) -> None:
+        if backbone.get("head") != "pyramid":
+            raise ConfigError(f"task.backbone.head: detection needs 'pyramid', got {backbone.get('head')!r}")
+        super().__init__(backbone, optim, **base)
+        if self.optim_config.ema_decay:
+            raise ConfigError(
+                "task.optim.ema_decay: EMA covers the backbone only; detection configs set it null"
+            )
+        config = MaskRCNNConfig.from_dict(detector)
+        check_size_divisible(self.backbone, config.size_divisible)
+        self.detector = MaskRCNN(self.backbone.pyramid.out_channels, num_classes, config)
+        self.num_classes = num_classes
+        self.num_visualised = num_visualised
+        self.score_to_draw = score_to_draw
+        self._found: dict[int, dict[str, list[dict]]] = {}  # image id -> COCO entries per iou type
+        self._examples: list[np.ndarray] = []
+
+    def setup(self, stage: str) -> None:
+        data = self.trainer.datamodule if self.trainer is not None else None
+        found = getattr(data, "num_classes", None)
+        if found is not None and found != self.num_classes:
+            raise ConfigError(
+                f"the COCO annotations at {getattr(data, 'root', '?')} have {found} categories but the model "
+                f"is built for {self.num_classes}; set task.module.num_classes={found}"
+            )
+
+    def pyramid(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return self.backbone(images).pyramid
+
+    def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None) -> Any:
+        """Float 0–255 images (any sizes); losses in training, detections at `orig_size` otherwise."""
+        return self.detector(self.pyramid, images, targets)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        images, targets = batch
+        losses = self([image.float() for image in images], targets)
+        loss = sum(losses.values())
+        self.check_finite(loss, batch_idx)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(images))
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, on_step=True, batch_size=len(images))
+        self.log_lr()
+        return loss
+
+    # -- evaluation ---------------------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._found, self._examples = {}, []
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        images, targets = batch
+        detections = self([image.float() for image in images], targets)
+        category_ids = self.trainer.datamodule.category_ids
+        for detection, target in zip(detections, targets, strict=True):
+            image_id = int(target["image_id"])
+            bbox, segm = coco_metrics.results_entries(detection, image_id, category_ids)
+            self._found[image_id] = {"bbox": bbox, "segm": segm}
+        if len(self._examples) < self.num_visualised and self.trainer.is_global_zero:
+            take = self.num_visualised - len(self._examples)
+            self._examples += self.draw(images[:take], targets[:take], detections[:take])
+
+    def on_validation_epoch_end(self) -> None:
+        found = self._gather()
+        image_ids = sorted(found)
+        entries = {kind: [e for i in image_ids for e in found[i][kind]] for kind in ("bbox", "segm")}
+        metrics: dict[str, float] = {}
+        if self.trainer.is_global_zero:
+            ground_truth = self.trainer.datamodule.ground_truth()
+            for iou_type, found in entries.items():
+                scores = coco_metrics.evaluate(ground_truth, found, iou_type, image_ids)
+                metrics.update({f"{iou_type}_{name}": value for name, value in scores.items()})
+            self._write_predictions(entries)
+        metrics = self.trainer.strategy.broadcast(metrics, src=0)
+        stage = "test" if self.trainer.testing else "val"
+        for name, value in metrics.items():
+            self.log(f"{stage}/{name}", value, prog_bar=name in ("bbox_mAP", "segm_mAP"))
+        log_images(self, f"{stage}/examples", self._examples)
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_start(self) -> None:
+        self.on_validation_epoch_start()
+
+    def on_test_epoch_end(self) -> None:
+        self.on_validation_epoch_end()
+
+    def _gather(self) -> dict[int, dict[str, list[dict]]]:
+        """Every rank's detections (small: masks are RLE), keyed by image so the images the sampler
+        repeated to even out the ranks count once."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return self._found
+        parts: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, self._found)
+        return {image_id: found for part in parts for image_id, found in part.items()}
+
+    def _write_predictions(self, entries: dict[str, list[dict]]) -> None:
+        if self.predictions_prefix is None:
+            return
+        for iou_type, found in entries.items():
+            path = Path(f"{self.predictions_prefix}_{iou_type}.json")
+            temp = path.with_suffix(".json.tmp")
+            temp.write_text(json.dumps(found))
+            temp.replace(path)
+            log.info("COCO results (%s, %d entries): %s", iou_type, len(found), path)
+
+    # -- pictures -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def annotate(self, images: list[torch.Tensor], targets: list[dict]) -> list[np.ndarray]:
+        """Predict and draw: H×W×3 uint8 pictures at each image's stored size."""
+        was_training = self.training
+        self.eval()
+        images = [image.as_subclass(torch.Tensor) for image in images]
+        detections = self([image.to(self.device).float() for image in images], targets)
+        self.train(was_training)
+        return self.draw(images, targets, detections)
+
+    def draw(
+        self, images: list[torch.Tensor], targets: list[dict], detections: list[dict]
+    ) -> list[np.ndarray]:
+        data = self._trainer.datamodule if self._trainer is not None else None
+        names = getattr(data, "class_names", None) or self.class_names
+        pictures = []
+        for image, target, detection in zip(images, targets, detections, strict=True):
+            size = [int(v) for v in target["orig_size"]]
+            picture = torch.nn.functional.interpolate(image[None].float(), size=size, mode="bilinear")[0]
+            picture = picture.clamp(0, 255).to(torch.uint8).cpu()
+            keep = detection["scores"] >= self.score_to_draw
+            boxes = detection["boxes"][keep].cpu()
+            labels = detection["labels"][keep].cpu().tolist()
+            if "masks" in detection and keep.any():
+                masks = detection["masks"][keep][:, 0].cpu() > 0.5
+                picture = draw_segmentation_masks(picture, masks, alpha=0.45)
+            captions = [names[k - 1] if names else str(k) for k in labels]
+            scores = detection["scores"][keep].cpu().tolist()
+            captions = [f"{c} {s:.2f}" for c, s in zip(captions, scores, strict=True)]
+            if len(boxes):
+                picture = draw_bounding_boxes(picture, boxes, captions, width=2)
+            pictures.append(picture.permute(1, 2, 0).numpy())
+        return pictures
+
+
+def check_size_divisible(backbone: torch.nn.Module, divisor: int) -> None:
+    """The pyramid must sit exactly at strides 4–32 of the padded batch, or anchors drift off the objects.
+
+    Branch 0 sees the padded batch itself; the other branches see it floored to their resolution (as
+    upstream's `F.interpolate` does) and are resampled onto branch 0's grid by the merge, so only branch 0's
+    patch size and the stride-32 level constrain the padding.
+    """
+    patch = backbone.branches[0].strides[-1]
+    if divisor % 32 or divisor % patch:
+        raise ConfigError(
+            f"task.module.detector.size_divisible={divisor}: expected a multiple of 32 and of branch "
+            f"{backbone.branches[0].name}'s stride {patch}, so the pyramid has exact strides 4/8/16/32 "
+            "(the paper pads to 224 for PIIP models, 64 for single-branch baselines)"
+        )
