@@ -3,5 +3,6 @@
 from piip.tasks.base import NonFiniteLossError, PIIPTask
 from piip.tasks.classification import ClassificationTask
 from piip.tasks.detection import DetectionTask
+from piip.tasks.segmentation import SegmentationTask
 
-__all__ = ["ClassificationTask", "DetectionTask", "NonFiniteLossError", "PIIPTask"]
+__all__ = ["ClassificationTask", "DetectionTask", "NonFiniteLossError", "PIIPTask", "SegmentationTask"]

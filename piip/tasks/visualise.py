@@ -20,7 +20,9 @@ IMAGE_DIR = "images"
 def log_images(module: L.LightningModule, key: str, images: list[np.ndarray]) -> list[Path]:
     """Log H×W×3 uint8 images under `key` at the current step (rank 0 only); returns PNGs written."""
     trainer = module.trainer
-    if not images or trainer is None or not trainer.is_global_zero or trainer.sanity_checking:
+    if not images or trainer is None or not trainer.is_global_zero:
+        return []
+    if trainer.sanity_checking or trainer.fast_dev_run:  # runs that log nothing else draw nothing either
         return []
     step = trainer.global_step
     sent = False
@@ -34,7 +36,8 @@ def log_images(module: L.LightningModule, key: str, images: list[np.ndarray]) ->
             sent = True
     if sent:
         return []
-    root = Path(trainer.loggers[0].log_dir if trainer.loggers else trainer.default_root_dir)
+    log_dir = getattr(trainer.loggers[0], "log_dir", None) if trainer.loggers else None
+    root = Path(log_dir or trainer.default_root_dir)
     folder = root / IMAGE_DIR / key.replace("/", "_")
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
