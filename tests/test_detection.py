@@ -332,3 +332,36 @@ def test_collate_gives_plain_tensors(coco_split):
     assert type(images[0]) is torch.Tensor and images[0].dtype == torch.uint8
     assert all(type(v) is torch.Tensor for t in targets for v in t.values())
     assert Path(coco_split.annotation_file).name == "instances_val2017.json"
+
+
+def _gather_on_rank(rank: int, world: int, port: int, queue: object) -> None:
+    import os
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # rank 1 repeats image 1, as the eval sampler does to even out the shards
+    found = {
+        1 + rank: {"bbox": [{"image_id": 1 + rank}], "segm": []},
+        1: {"bbox": [{"image_id": 1}], "segm": []},
+    }
+    gathered = DetectionTask._gather(SimpleNamespace(_found=found))
+    queue.put((rank, sorted(gathered), sum(len(v["bbox"]) for v in gathered.values())))
+    dist.destroy_process_group()
+
+
+def test_gather_merges_ranks_and_counts_repeated_images_once():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = mp.get_context("spawn")
+    queue = context.SimpleQueue()
+    mp.start_processes(_gather_on_rank, args=(2, port, queue), nprocs=2, start_method="spawn")
+    results = sorted(queue.get() for _ in range(2))
+    assert results == [(0, [1, 2], 2), (1, [1, 2], 2)]

@@ -83,3 +83,12 @@ def test_predict_draws_on_a_users_image(trained, tmp_path):
     assert np.asarray(Image.open(written)).shape == (70, 110, 3)
     with pytest.raises(predict.DataError, match="no such file"):
         predict.predict(results["ckpt_path"], str(tmp_path / "nope.png"))
+
+
+def test_debug_fast_runs_one_batch_end_to_end_without_drawing(tmp_path):
+    overrides = [f"paths.root_dir={tmp_path}", f"paths.data_dir={tmp_path}/data", *DET_RUN, "debug=fast"]
+    cfg = compose_config("train", tmp_path / "run", overrides)
+    assert cfg.trainer.fast_dev_run is True
+    train_entry.train(cfg)
+    assert (tmp_path / "run" / "checkpoints").is_dir()  # it ran to the end
+    assert not list((tmp_path / "run").rglob("*.png"))  # fast_dev_run logs nothing, pictures included

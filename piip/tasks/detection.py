@@ -107,8 +107,8 @@ class DetectionTask(PIIPTask):
         metrics: dict[str, float] = {}
         if self.trainer.is_global_zero:
             ground_truth = self.trainer.datamodule.ground_truth()
-            for iou_type, found in entries.items():
-                scores = coco_metrics.evaluate(ground_truth, found, iou_type, image_ids)
+            for iou_type, kind_entries in entries.items():
+                scores = coco_metrics.evaluate(ground_truth, kind_entries, iou_type, image_ids)
                 metrics.update({f"{iou_type}_{name}": value for name, value in scores.items()})
             self._write_predictions(entries)
         metrics = self.trainer.strategy.broadcast(metrics, src=0)
