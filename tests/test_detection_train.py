@@ -13,16 +13,11 @@ from PIL import Image
 import evaluate as evaluate_entry
 import train as train_entry
 from piip.tools import predict
-from tests.test_train import compose_config
+from tests.test_train import QUIET_CPU_RUN, compose_config
 
 DET_RUN = [
     "task=shapes_det",
-    "trainer=cpu",
-    "logger=csv",
-    "callbacks.progress_bar=null",
-    "callbacks.model_summary=null",
-    "+trainer.enable_progress_bar=false",
-    "+trainer.enable_model_summary=false",
+    *QUIET_CPU_RUN,
     "trainer.max_epochs=1",
     "task.val_every_n_epochs=1",
     "trainer.num_sanity_val_steps=0",
@@ -92,3 +87,14 @@ def test_debug_fast_runs_one_batch_end_to_end_without_drawing(tmp_path):
     train_entry.train(cfg)
     assert (tmp_path / "run" / "checkpoints").is_dir()  # it ran to the end
     assert not list((tmp_path / "run").rglob("*.png"))  # fast_dev_run logs nothing, pictures included
+
+
+def test_a_class_count_that_differs_from_the_annotations_is_refused(tmp_path):
+    from piip.models import ConfigError
+
+    overrides = [f"paths.root_dir={tmp_path}", f"paths.data_dir={tmp_path}/data", *DET_RUN]
+    cfg = compose_config("train", tmp_path / "run", [*overrides, "task.module.num_classes=5"])
+    with pytest.raises(
+        ConfigError, match=r"has 8 classes but the model is built for 5; set task.module.num_classes=8"
+    ):
+        train_entry.train(cfg)

@@ -21,7 +21,7 @@ from piip.models.sliding import slide_inference, sliding_windows, whole_inferenc
 from piip.models.upernet import FCNHead, UperNetHead
 from piip.tasks import SegmentationTask
 from piip.tasks.segmentation import segmentation_loss
-from tests.test_train import compose_config
+from tests.test_train import QUIET_CPU_RUN, compose_config
 
 # -- scores ------------------------------------------------------------------------------------------------
 
@@ -203,12 +203,7 @@ def test_ema_is_refused_for_segmentation():
 
 SEG_RUN = [
     "task=shapes_seg",
-    "trainer=cpu",
-    "logger=csv",
-    "callbacks.progress_bar=null",
-    "callbacks.model_summary=null",
-    "+trainer.enable_progress_bar=false",
-    "+trainer.enable_model_summary=false",
+    *QUIET_CPU_RUN,
     "task.data.num_workers=0",
     "task.data.batch_size=2",
     "task.data.eval_batch_size=2",

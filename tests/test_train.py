@@ -23,13 +23,17 @@ from piip.config import CONF_DIR
 from piip.models import ConfigError
 from piip.tasks import NonFiniteLossError
 
-TINY_RUN = [
+# A CPU run that logs to CSV and prints no progress bar or model summary (shared by the task test files).
+QUIET_CPU_RUN = [
     "trainer=cpu",
     "logger=csv",
     "callbacks.progress_bar=null",
     "callbacks.model_summary=null",
     "+trainer.enable_progress_bar=false",
     "+trainer.enable_model_summary=false",
+]
+TINY_RUN = [
+    *QUIET_CPU_RUN,
     "trainer.max_epochs=1",
     "task.val_every_n_epochs=1",
     "trainer.num_sanity_val_steps=0",

@@ -18,6 +18,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from piip.models import PIIPBackbone, PIIPConfig
+from piip.models.config import ConfigError
 from piip.tasks.optim import OptimConfig, build_optimizer, build_scheduler, parameter_groups
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,16 @@ class PIIPTask(L.LightningModule):
         super().optimizer_step(*args, **kwargs)
         if self.ema is not None:
             self.ema.update(self.backbone, step=self.global_step)
+
+    def check_num_classes(self, built_for: int, field: str) -> None:
+        """Refuse data whose class count differs from the model's, naming the config field to set."""
+        data = self.trainer.datamodule if self._trainer is not None else None
+        found = getattr(data, "num_classes", None)
+        if found is not None and found != built_for:
+            raise ConfigError(
+                f"the dataset at {getattr(data, 'root', '?')} has {found} classes but the model is built for "
+                f"{built_for}; set {field}={found}"
+            )
 
     # -- guards and logging -------------------------------------------------------------------------------
     def check_finite(self, loss: torch.Tensor, batch_idx: int) -> None:

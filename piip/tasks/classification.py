@@ -62,13 +62,7 @@ class ClassificationTask(PIIPTask):
         self.losses = nn.ModuleDict({stage: MeanMetric() for stage in ("val", "val_ema", "test", "test_ema")})
 
     def setup(self, stage: str) -> None:
-        data = self.trainer.datamodule if self.trainer is not None else None
-        found = getattr(data, "num_classes", None)
-        if found is not None and found != self.hparams.num_classes:
-            raise ConfigError(
-                f"the dataset at {getattr(data, 'root', '?')} has {found} classes but the model is built for "
-                f"{self.hparams.num_classes}; set task.backbone.num_classes={found}"
-            )
+        self.check_num_classes(self.hparams.num_classes, "task.backbone.num_classes")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images).logits

@@ -59,13 +59,7 @@ class DetectionTask(PIIPTask):
         self._examples: list[np.ndarray] = []
 
     def setup(self, stage: str) -> None:
-        data = self.trainer.datamodule if self.trainer is not None else None
-        found = getattr(data, "num_classes", None)
-        if found is not None and found != self.num_classes:
-            raise ConfigError(
-                f"the COCO annotations at {getattr(data, 'root', '?')} have {found} categories but the model "
-                f"is built for {self.num_classes}; set task.module.num_classes={found}"
-            )
+        self.check_num_classes(self.num_classes, "task.module.num_classes")
 
     def pyramid(self, images: torch.Tensor) -> list[torch.Tensor]:
         return self.backbone(images).pyramid

@@ -91,13 +91,7 @@ class SegmentationTask(PIIPTask):
         self._examples: list[np.ndarray] = []
 
     def setup(self, stage: str) -> None:
-        data = self.trainer.datamodule if self.trainer is not None else None
-        found = getattr(data, "num_classes", None)
-        if found is not None and found != self.hparams.num_classes:
-            raise ConfigError(
-                f"the dataset at {getattr(data, 'root', '?')} has {found} classes but the model is built for "
-                f"{self.hparams.num_classes}; set task.module.num_classes={found}"
-            )
+        self.check_num_classes(self.hparams.num_classes, "task.module.num_classes")
 
     # -- model ----------------------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> torch.Tensor:
