@@ -73,7 +73,9 @@ def test_predict_draws_on_a_users_image(trained, tmp_path):
     _, results = trained
     photo = tmp_path / "photo.png"
     Image.fromarray(np.full((70, 110, 3), 200, dtype=np.uint8)).save(photo)
-    (written,) = predict.predict(results["ckpt_path"], str(photo), output=str(tmp_path / "out"), device="cpu")
+    (written,) = predict.predict(
+        results["ckpt_path"], str(photo), output=str(tmp_path / "out"), device="cpu", score=0.0
+    )
     assert written.name == "photo_shapes_det.png"
     assert np.asarray(Image.open(written)).shape == (70, 110, 3)
     with pytest.raises(predict.DataError, match="no such file"):

@@ -1,11 +1,12 @@
 """Draw a trained model's predictions on your own images.
 
     python -m piip.tools.predict ckpt_path=outputs/shapes_det/…/checkpoints/best.ckpt image=photo.jpg
-    python -m piip.tools.predict ckpt_path=… image=folder/ output=preds/ device=cuda
+    python -m piip.tools.predict ckpt_path=… image=folder/ output=preds/ device=cuda score=0.3
 
 Rebuilds the task from the checkpoint alone (its saved run config), resizes each image as validation
 does, and writes `<output>/<image stem>_<task>.png` with boxes and masks (detection) or a class overlay
 (segmentation), at the image's own size. The data folder of the training run need not exist here.
+`score` overrides the detection score a box needs to be drawn (`task.module.score_to_draw`).
 """
 
 from __future__ import annotations
@@ -37,10 +38,14 @@ def image_files(path: Path) -> list[Path]:
     return [path]
 
 
-def predict(ckpt_path: str, image: str, output: str = ".", device: str | None = None) -> list[Path]:
+def predict(
+    ckpt_path: str, image: str, output: str = ".", device: str | None = None, score: float | None = None
+) -> list[Path]:
     """Annotated PNGs for one image or every image of a folder; returns the files written."""
     app.configure_cpu_math()
     saved, backbone, module = app.load_task_from_checkpoint(Path(ckpt_path).expanduser().resolve())
+    if score is not None:
+        module.score_to_draw = float(score)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     module.to(device).eval()
     datamodule = app.build_datamodule(saved, backbone)
@@ -60,10 +65,10 @@ def predict(ckpt_path: str, image: str, output: str = ".", device: str | None = 
 def main(argv: list[str]) -> None:
     args = OmegaConf.to_container(OmegaConf.from_cli(argv))
     missing = [key for key in ("ckpt_path", "image") if key not in args]
-    unknown = sorted(set(args) - {"ckpt_path", "image", "output", "device"})
+    unknown = sorted(set(args) - {"ckpt_path", "image", "output", "device", "score"})
     if missing or unknown:
         raise SystemExit(f"{USAGE}\nmissing: {missing}, unknown: {unknown}")
-    predict(**{k: str(v) for k, v in args.items()})
+    predict(**{k: v if k == "score" else str(v) for k, v in args.items()})
 
 
 if __name__ == "__main__":
