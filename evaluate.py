@@ -18,6 +18,7 @@ from rich.table import Table
 
 from piip import app
 from piip.config import CONF_DIR
+from piip.files import write_json
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
@@ -44,7 +45,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         results[ckpt_path.name] = app.results_record(
             saved, backbone, metrics, metrics.get(saved.task.monitor.metric), ckpt_path=str(ckpt_path)
         )
-        print(f"results: {app.write_json(results_path, results)}")
+        print(f"results: {write_json(results_path, results)}")
     return metrics
 
 

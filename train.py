@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from piip import app
 from piip.cli import one_job_of_a_multirun, quote_resolution_overrides
 from piip.config import CONF_DIR, backbone_dict
+from piip.files import write_json
 
 
 def train(cfg: DictConfig) -> float | None:
@@ -42,7 +43,7 @@ def train(cfg: DictConfig) -> float | None:
     score = float(best) if best is not None else metrics.get(cfg.task.monitor.metric)
     if trainer.is_global_zero:
         record = app.results_record(cfg, backbone, metrics, score, **counts, ckpt_path=best_path)
-        app.write_json(run_dir / "results.json", record)
+        write_json(run_dir / "results.json", record)
     app.close_loggers(trainer)
     return score
 

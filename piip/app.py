@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -173,17 +170,6 @@ def complexity(cfg: DictConfig) -> dict[str, float | None]:
 
 def scalars(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, torch.Tensor)) and k}
-
-
-def write_json(path: str | Path, record: dict[str, Any]) -> Path:
-    """Write atomically (temporary file + rename): a crash never leaves a truncated results file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        json.dump(record, f, indent=2, sort_keys=True)
-        tmp = f.name
-    os.replace(tmp, path)
-    return path
 
 
 def results_record(

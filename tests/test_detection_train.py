@@ -13,7 +13,7 @@ from PIL import Image
 import evaluate as evaluate_entry
 import train as train_entry
 from piip.tools import predict
-from tests.test_train import QUIET_CPU_RUN, compose_config
+from tests.test_train import QUIET_CPU_RUN, compose_config, train_config
 
 DET_RUN = [
     "task=shapes_det",
@@ -35,10 +35,7 @@ DET_RUN = [
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("det")
-    cfg = compose_config(
-        "train", root / "run", [f"paths.root_dir={root}", f"paths.data_dir={root}/data", *DET_RUN]
-    )
-    train_entry.train(cfg)
+    train_entry.train(train_config(root, root / "data", run=DET_RUN))
     return root, json.loads((root / "run" / "results.json").read_text())
 
 
@@ -83,8 +80,7 @@ def test_predict_draws_on_a_users_image(trained, tmp_path):
 
 
 def test_debug_fast_runs_one_batch_end_to_end_without_drawing(tmp_path):
-    overrides = [f"paths.root_dir={tmp_path}", f"paths.data_dir={tmp_path}/data", *DET_RUN, "debug=fast"]
-    cfg = compose_config("train", tmp_path / "run", overrides)
+    cfg = train_config(tmp_path, tmp_path / "data", "debug=fast", run=DET_RUN)
     assert cfg.trainer.fast_dev_run is True
     train_entry.train(cfg)
     assert (tmp_path / "run" / "checkpoints").is_dir()  # it ran to the end
@@ -94,8 +90,7 @@ def test_debug_fast_runs_one_batch_end_to_end_without_drawing(tmp_path):
 def test_a_class_count_that_differs_from_the_annotations_is_refused(tmp_path):
     from piip.models import ConfigError
 
-    overrides = [f"paths.root_dir={tmp_path}", f"paths.data_dir={tmp_path}/data", *DET_RUN]
-    cfg = compose_config("train", tmp_path / "run", [*overrides, "task.module.num_classes=5"])
+    cfg = train_config(tmp_path, tmp_path / "data", "task.module.num_classes=5", run=DET_RUN)
     with pytest.raises(
         ConfigError, match=r"has 8 classes but the model is built for 5; set task.module.num_classes=8"
     ):

@@ -21,7 +21,7 @@ from piip.models.sliding import slide_inference, sliding_windows, whole_inferenc
 from piip.models.upernet import FCNHead, UperNetHead
 from piip.tasks import SegmentationTask
 from piip.tasks.segmentation import segmentation_loss
-from tests.test_train import QUIET_CPU_RUN, compose_config
+from tests.test_train import QUIET_CPU_RUN, train_config
 
 # -- scores ------------------------------------------------------------------------------------------------
 
@@ -221,8 +221,7 @@ def seg_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def seg_config(tmp_path: Path, data_dir: Path, *overrides: str):
-    base = [f"paths.root_dir={tmp_path}", f"paths.data_dir={data_dir}", *SEG_RUN]
-    return compose_config("train", tmp_path / "run", base + list(overrides))
+    return train_config(tmp_path, data_dir, *overrides, run=SEG_RUN)
 
 
 def test_shapes_seg_trains_and_validates_through_hydra(tmp_path, seg_data_dir):

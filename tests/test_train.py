@@ -61,8 +61,9 @@ def compose_config(name: str, run_dir: Path, overrides: list[str]) -> DictConfig
     return cfg
 
 
-def train_config(tmp_path: Path, data_dir: Path, *overrides: str) -> DictConfig:
-    base = [f"paths.root_dir={tmp_path}", f"paths.data_dir={data_dir}", *TINY_RUN]
+def train_config(tmp_path: Path, data_dir: Path, *overrides: str, run: list[str] = TINY_RUN) -> DictConfig:
+    """The train config of a `run` (default: the tiny classification run) in tmp_path/run."""
+    base = [f"paths.root_dir={tmp_path}", f"paths.data_dir={data_dir}", *run]
     return compose_config("train", tmp_path / "run", base + list(overrides))
 
 

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 # COCOeval.stats order for iouType bbox/segm, named as mmdet logs them (bbox_mAP, bbox_mAP_50, ...)
 STAT_NAMES = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l")
-IOU_TYPES = {"bbox": "bbox", "segm": "segm"}
+IOU_TYPES = ("bbox", "segm")
 
 
 def results_entries(
@@ -61,7 +61,7 @@ def evaluate(
     gives zeros; an area range without ground truth gives nan (COCOeval's -1).
     """
     if iou_type not in IOU_TYPES:
-        raise ValueError(f"iou_type: expected one of {sorted(IOU_TYPES)}, got {iou_type!r}")
+        raise ValueError(f"iou_type: expected one of {IOU_TYPES}, got {iou_type!r}")
     if not entries:
         return dict.fromkeys(STAT_NAMES, 0.0)
     with contextlib.redirect_stdout(io.StringIO()) as printed:

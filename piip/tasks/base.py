@@ -60,7 +60,7 @@ class PIIPTask(L.LightningModule):
         # evaluate.py points this at the checkpoint; tasks with per-image predictions (COCO results JSON)
         # write `<prefix>_<kind>.json` there
         self.predictions_prefix: Path | None = None
-        self.class_names: list[str] | None = None  # from the data, kept in checkpoints for drawing
+        self.class_names: list[str] | None = None  # as a loaded checkpoint kept them (see known_class_names)
         self.ema: ModelEmaV3 | None = None
         if self.optim_config.ema_decay:
             self.ema = ModelEmaV3(self.backbone, decay=self.optim_config.ema_decay)
@@ -130,10 +130,15 @@ class PIIPTask(L.LightningModule):
         """Predictions drawn on the images (H×W×3 uint8), for `piip.tools.predict` and validation logging."""
         raise NotImplementedError(f"{type(self).__name__} does not draw its predictions")
 
+    @property
+    def known_class_names(self) -> list[str] | None:
+        """The attached data's class names, else those the loaded checkpoint kept."""
+        data = self._trainer.datamodule if self._trainer is not None else None
+        return getattr(data, "class_names", None) or self.class_names
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        names = getattr(self.trainer.datamodule, "class_names", None) if self._trainer is not None else None
-        if names or self.class_names:
-            checkpoint["class_names"] = list(names or self.class_names)
+        if self.known_class_names:
+            checkpoint["class_names"] = list(self.known_class_names)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.class_names = checkpoint.get("class_names", self.class_names)

@@ -8,9 +8,7 @@ the COCO server accepts.
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
+from piip.files import write_json
 from piip.metrics import coco as coco_metrics
 from piip.models.config import ConfigError
 from piip.models.mask_rcnn import MaskRCNN, MaskRCNNConfig
@@ -97,7 +96,7 @@ class DetectionTask(PIIPTask):
     def on_validation_epoch_end(self) -> None:
         found = self._gather()
         image_ids = sorted(found)
-        entries = {kind: [e for i in image_ids for e in found[i][kind]] for kind in ("bbox", "segm")}
+        entries = {kind: [e for i in image_ids for e in found[i][kind]] for kind in coco_metrics.IOU_TYPES}
         metrics: dict[str, float] = {}
         if self.trainer.is_global_zero:
             ground_truth = self.trainer.datamodule.ground_truth()
@@ -133,10 +132,7 @@ class DetectionTask(PIIPTask):
         if self.predictions_prefix is None:
             return
         for iou_type, found in entries.items():
-            path = Path(f"{self.predictions_prefix}_{iou_type}.json")
-            temp = path.with_suffix(".json.tmp")
-            temp.write_text(json.dumps(found))
-            temp.replace(path)
+            path = write_json(f"{self.predictions_prefix}_{iou_type}.json", found, indent=None)
             log.info("COCO results (%s, %d entries): %s", iou_type, len(found), path)
 
     # -- pictures -----------------------------------------------------------------------------------------
@@ -153,8 +149,7 @@ class DetectionTask(PIIPTask):
     def draw(
         self, images: list[torch.Tensor], targets: list[dict], detections: list[dict]
     ) -> list[np.ndarray]:
-        data = self._trainer.datamodule if self._trainer is not None else None
-        names = getattr(data, "class_names", None) or self.class_names
+        names = self.known_class_names
         pictures = []
         for image, target, detection in zip(images, targets, detections, strict=True):
             size = [int(v) for v in target["orig_size"]]

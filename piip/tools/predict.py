@@ -23,7 +23,8 @@ from piip.data import DataError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 USAGE = (
-    "usage: python -m piip.tools.predict ckpt_path=PATH image=FILE_OR_FOLDER [output=DIR] [device=cpu|cuda]"
+    "usage: python -m piip.tools.predict ckpt_path=PATH image=FILE_OR_FOLDER [output=DIR] [device=cpu|cuda] "
+    "[score=MIN_SCORE]"
 )
 
 
