@@ -1,13 +1,15 @@
-"""Loading pretrained branch weights from local files (nothing is ever downloaded).
+"""Loading pretrained branch weights from local files or folders (nothing is ever downloaded).
 
-Steps: read the file with `weights_only=True`, unwrap `model`/`state_dict`/`module`, convert the file's naming
-to timm's (`CHECKPOINT_FORMATS`), let the branch resample position embeddings / patch kernels and apply
-timm's own filter, then load non-strictly and report what was missing or unexpected.
+Steps: read the file with `weights_only=True` (or a Hugging Face `save_pretrained` folder, sharded or not),
+unwrap `model`/`state_dict`/`module`, convert the file's naming to timm's (`CHECKPOINT_FORMATS`), let the
+branch resample position embeddings / patch kernels and apply timm's own filter, then load non-strictly and
+report what was missing or unexpected.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 from collections.abc import Callable
@@ -54,15 +56,79 @@ def _internvl_to_timm(state_dict: StateDict) -> StateDict:
     return out
 
 
+# Hugging Face CLIP keys (after dropping a `vision_model.` prefix) that a vision branch never uses.
+_HF_CLIP_DROPPED = ("text_model.", "logit_scale", "visual_projection.", "text_projection.")
+_HF_CLIP_QKV = re.compile(r"^encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$")
+_HF_CLIP_RENAMES = [
+    (r"^embeddings\.patch_embedding\.", "patch_embed.proj."),
+    (r"^pre_layrnorm\.", "norm_pre."),  # sic: Hugging Face's spelling
+    (r"^post_layernorm\.", "norm."),
+    (r"^encoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"blocks.\1.attn.proj."),
+    (r"^encoder\.layers\.(\d+)\.layer_norm([12])\.", r"blocks.\1.norm\2."),
+    (r"^encoder\.layers\.(\d+)\.mlp\.", r"blocks.\1.mlp."),
+]
+
+
+def _hf_clip_to_timm(state_dict: StateDict) -> StateDict:
+    """Hugging Face `CLIPVisionModel` / `CLIPModel` weights -> timm `VisionTransformer` names and shapes.
+
+    Why: PIIP-LLaVA's CLIP branches start from the Hugging Face checkpoints LLaVA uses (openai/clip-vit-*,
+    OpenGVLab/clip-vit-large-patch14to16-*), while the branch is a timm ViT (pre-norm, quick-GELU). The two
+    hold the same weights under different names and layouts:
+
+    - `embeddings.class_embedding` (D,) -> `cls_token` (1, 1, D); `embeddings.position_embedding.weight`
+      (N+1, D), an `nn.Embedding` table with the cls slot first -> `pos_embed` (1, N+1, D);
+      `embeddings.position_ids` (a buffer) is dropped;
+    - separate `self_attn.{q,k,v}_proj` linears -> one fused `attn.qkv` whose rows are q, then k, then v
+      (Hugging Face scales q after its projection, timm inside attention: the same computation);
+    - `pre_layrnorm` -> `norm_pre`, `layer_norm1/2` -> `norm1/2`, `out_proj` -> `attn.proj`,
+      `post_layernorm` -> `norm` (the branch has no final norm, so the load report lists it as unused).
+
+    A full `CLIPModel` stores the vision tower under `vision_model.` next to the text tower and projection
+    heads; only the vision part is kept. Keys in neither naming pass through unchanged (and are then
+    reported as unused).
+    """
+    out: StateDict = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix("vision_model.")
+        if key.startswith(_HF_CLIP_DROPPED) or key == "embeddings.position_ids":
+            continue
+        if key == "embeddings.class_embedding":
+            out["cls_token"] = value.reshape(1, 1, -1)
+        elif key == "embeddings.position_embedding.weight":
+            out["pos_embed"] = value.unsqueeze(0)
+        elif match := _HF_CLIP_QKV.match(key):
+            layer, part, kind = match.groups()
+            qkv.setdefault(f"blocks.{layer}.attn.qkv.{kind}", {})[part] = value
+        else:
+            for pattern, replacement in _HF_CLIP_RENAMES:
+                key = re.sub(pattern, replacement, key)
+            out[key] = value
+    for name, parts in qkv.items():
+        if sorted(parts) != ["k", "q", "v"]:
+            raise ValueError(f"{name}: needs the q, k and v projections, the checkpoint has {sorted(parts)}")
+        out[name] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    return out
+
+
 CHECKPOINT_FORMATS: dict[str, Callable[[StateDict], StateDict]] = {
     "timm": lambda state_dict: state_dict,
     "internvl": _internvl_to_timm,
+    "hf_clip": _hf_clip_to_timm,
 }
+
+# What a Hugging Face `save_pretrained` / `huggingface-cli download` folder holds, in the order looked for.
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+HF_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
 def read_state_dict(path: str | Path) -> StateDict:
-    """Tensors of a `.pth`/`.pt`/`.bin` or `.safetensors` file, unwrapped from common containers."""
+    """Tensors of a `.pth`/`.pt`/`.bin` or `.safetensors` file, unwrapped from common containers, or of a
+    Hugging Face model folder (`HF_WEIGHT_FILES`, else the shards listed by one of `HF_INDEX_FILES`)."""
     path = Path(path)
+    if path.is_dir():
+        return _read_hf_folder(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -80,6 +146,35 @@ def read_state_dict(path: str | Path) -> StateDict:
     return obj
 
 
+def _read_hf_folder(folder: Path) -> StateDict:
+    for name in HF_WEIGHT_FILES:
+        if (folder / name).is_file():
+            return read_state_dict(folder / name)
+    for name in HF_INDEX_FILES:
+        if (folder / name).is_file():
+            return _read_shards(folder / name)
+    raise ValueError(
+        f"{folder}: no weights in this folder; expected one of {', '.join(HF_WEIGHT_FILES + HF_INDEX_FILES)} "
+        f"(as written by `save_pretrained` or `huggingface-cli download <repo> --local-dir {folder}`)"
+    )
+
+
+def _read_shards(index: Path) -> StateDict:
+    """All shards named by a Hugging Face `*.index.json` (its `weight_map`: tensor name -> shard file)."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{index}: not a Hugging Face shard index with a 'weight_map' ({err!r})") from err
+    missing = [shard for shard in shards if not (index.parent / shard).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{index}: shard file(s) {missing} not found (incomplete download?)")
+    state_dict: StateDict = {}
+    for shard in shards:
+        state_dict.update(read_state_dict(index.parent / shard))
+    return state_dict
+
+
 def load_branch_checkpoint(branch: Branch, path: str | Path | None) -> LoadReport:
     """Load `path` into `branch`; shape mismatches are errors, missing/unexpected keys are logged."""
     if path is None:
@@ -87,7 +182,7 @@ def load_branch_checkpoint(branch: Branch, path: str | Path | None) -> LoadRepor
             f"branch {branch.name}: no pretrained checkpoint configured (branch.pretrained is null)"
         )
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(
             f"branch {branch.name}: pretrained checkpoint not found at {path}. Download "
             f"{branch.spec.checkpoint_source or 'the file'} there (paths.pretrained_dir), or set the "
@@ -98,7 +193,11 @@ def load_branch_checkpoint(branch: Branch, path: str | Path | None) -> LoadRepor
         raise ValueError(
             f"branch {branch.name}: unknown checkpoint_format {fmt!r}; expected {sorted(CHECKPOINT_FORMATS)}"
         )
-    state_dict = branch.adapt_state_dict(CHECKPOINT_FORMATS[fmt](read_state_dict(path)))
+    try:
+        converted = CHECKPOINT_FORMATS[fmt](read_state_dict(path))
+    except ValueError as err:
+        raise ValueError(f"branch {branch.name}: {err}") from err
+    state_dict = branch.adapt_state_dict(converted)
     own = branch.state_dict()
     loadable = {k: v for k, v in state_dict.items() if k in own}
     mismatched = [
