@@ -830,8 +830,13 @@ def _dense_listing(expected: dict[str, Any]) -> list[tuple[Path, str, int]]:
     return listing
 
 
+# Listings of formats written by other modules (e.g. "llava" by piip.data.synthetic_llava), by format name.
+EXTRA_LISTINGS: dict[str, Callable[[dict[str, Any]], list[tuple[Path, str, int]]]] = {}
+
+
 def _check_dense_counts(root: Path, expected: dict[str, Any]) -> None:
-    for relative, pattern, wanted in _dense_listing(expected):
+    listing = EXTRA_LISTINGS.get(expected["format"], _dense_listing)
+    for relative, pattern, wanted in listing(expected):
         folder = root / relative
         found = sum(1 for _ in folder.glob(pattern)) if folder.is_dir() else 0
         if found != wanted:

@@ -15,12 +15,21 @@ and punctuation separated by spaces; answers are single words:
 - largest  "which shape is the largest ?"     -> the class with the largest visible area; only when it
                                                  clearly beats every shape of another class
 
+Like LLaVA-1.5's instruction mix, `finetune.json` asks about a quarter of its image questions in the
+TextVQA prompt of the evaluation (`metrics.vqa.textvqa_prompt`: question, "Reference OCR token: ..." half
+the time, the short-answer instruction) and a quarter as multiple choice (`metrics.mmbench.mmbench_prompt`:
+optional hint, the options an MMBench row of that type would have, rotated at random, the letter
+instruction; answered with the letter), so the tiny model has seen both prompt forms before it is
+evaluated on the held-out val files, which keep their plain / benchmark forms. Types without an MMBench
+form (largest) stay plain in that quarter. `split_prompt` recovers the plain question and the options.
+
 Layout under `root` (see `write_llava_layout`): `images/{train,val}_<index:05d>.png`, `pretrain.json`,
 `finetune.json`, `finetune_val.json`, `textvqa/TextVQA_val.json`, `mmbench/mmbench_dev.tsv`,
 `language_model/` and the manifest `piip_synthetic.json`.
 
-Determinism: each image draws its scene and its questions from Generators seeded with
-`SeedSequence([seed, stream, split, index, purpose])`, so files are byte-identical for the same arguments.
+Determinism: each image draws its scene, its questions and (train) their prompt forms from Generators
+seeded with `SeedSequence([seed, stream, split, index, purpose])`, so files are byte-identical for the same
+arguments; the forms have their own purpose, so the questions asked do not depend on them.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import io
 import json
 import logging
 import os
+import re
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -42,15 +52,14 @@ import numpy as np
 
 from piip.data.conversation import ASSISTANT, HUMAN, IMAGE_PLACEHOLDER
 from piip.data.synthetic import (
+    EXTRA_LISTINGS,
     GENERATOR_VERSION,
-    MANIFEST_NAME,
     SHAPE_CLASSES,
     SPLITS,
     Scene,
     ShapeInstance,
     _contrast,
-    _is_empty_dir,
-    _manifest_differences,
+    _ensure,
     _validate_dense_args,
     _write_atomically,
     instance_boxes,
@@ -59,6 +68,8 @@ from piip.data.synthetic import (
     sample_scene,
 )
 from piip.data.tiny_language_model import write_tiny_language_model
+from piip.metrics.mmbench import MMBENCH_INSTRUCTION, OPTION_LETTERS, Round, mmbench_prompt
+from piip.metrics.vqa import textvqa_prompt
 
 __all__ = [
     "EVAL_PROMPTS",
@@ -74,6 +85,7 @@ __all__ = [
     "majority_baseline",
     "question_type",
     "scene_facts",
+    "split_prompt",
     "write_llava_layout",
 ]
 
@@ -128,8 +140,10 @@ EVAL_PROMPTS: tuple[str, ...] = (
 
 _LLAVA_STREAM = 3  # SeedSequence stream after ImageNet (0), COCO (1) and ADE20K (2)
 _TEXT_SPLIT = len(SPLITS)  # "split" key of the text-only samples' Generators
-_PURPOSES = {"scene": 0, "finetune": 1, "textvqa": 2, "mmbench": 3}
-_FORMAT_REVISION = 1  # bump when anything written here changes (the manifest version is [pixels, this])
+_PURPOSES = {"scene": 0, "finetune": 1, "textvqa": 2, "mmbench": 3, "format": 4}
+# Bump when anything written here changes (the manifest version is [pixels, this]). 2: finetune.json mixes
+# TextVQA-style and multiple-choice turns in.
+_FORMAT_REVISION = 2
 _MAX_INSTANCES = 4
 _SCENE_TRIES = 10
 _MIN_INSTANCE_PIXELS = 12  # every shape of a scene shows at least this many pixels (else resampled)
@@ -138,6 +152,10 @@ _SIDE_RADIUS = 0.22  # left/right/top/bottom: at least this far out ...
 _SIDE_MARGIN = 0.12  # ... and this much further along its axis than along the other one
 _LARGEST_RATIO = 1.5  # "largest" is asked when its area is this many times any other class's
 _TEXT_FRACTION = 0.05  # text-only samples in finetune.json, relative to the train images
+_TEXTVQA_SHARE = 0.25  # finetune.json image turns drawn for the TextVQA prompt ...
+_CHOICE_SHARE = 0.25  # ... and for the multiple-choice prompt (plain if the type has no MMBench form)
+_USE_OCR_SHARE = 0.5  # TextVQA-style turns that list the OCR tokens
+_HINT_SHARE = 0.5  # multiple-choice turns (and MMBench rows) with the hint line
 _NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 _CAPTION_PROMPT = "Describe the image briefly."
 _MMBENCH_HINT = "The image shows coloured shapes on a background."
@@ -346,10 +364,32 @@ _PREFIXES: tuple[tuple[str, str], ...] = (
 )
 
 
+# The lines the benchmark prompts add around a question, taken from the evaluation's own prompt builders.
+_TEXTVQA_INSTRUCTION = textvqa_prompt("", None, use_ocr=False).strip()
+_OCR_PREFIX = textvqa_prompt("", ["@"], use_ocr=True).split("\n")[1].split("@")[0].strip()
+_DECORATIONS = frozenset({_TEXTVQA_INSTRUCTION, MMBENCH_INSTRUCTION, _MMBENCH_HINT})
+_OPTION_LINE = re.compile(rf"([{''.join(OPTION_LETTERS)}])\. (.*)")
+
+
+def split_prompt(text: str) -> tuple[str, dict[str, str]]:
+    """The plain question of a human turn written here and its lettered options ({} unless it is multiple
+    choice): the image placeholder, the MMBench hint, option lines and instruction (`mmbench_prompt`), and
+    the TextVQA OCR line and instruction (`textvqa_prompt`) removed."""
+    lines, options = [], {}
+    for line in text.replace(IMAGE_PLACEHOLDER, "\n").split("\n"):
+        line = line.strip()
+        option = _OPTION_LINE.fullmatch(line)
+        if option:
+            options[option[1]] = option[2]
+        elif line and line not in _DECORATIONS and not line.startswith(_OCR_PREFIX):
+            lines.append(line)
+    return " ".join(lines), options
+
+
 def question_type(question: str) -> str:
-    """The type (`QUESTION_TYPES`, or "fact" for the text-only shape facts) of a question written here, the
-    image placeholder and case ignored; "other" for anything else."""
-    text = " ".join(question.replace(IMAGE_PLACEHOLDER, " ").lower().split())
+    """The type (`QUESTION_TYPES`, or "fact" for the text-only shape facts) of a question written here, in
+    any of its prompt forms (`split_prompt`; case ignored); "other" for anything else."""
+    text = " ".join(split_prompt(question)[0].lower().split())
     for prefix, kind in _PREFIXES:
         if text.startswith(prefix):
             return kind
@@ -368,11 +408,62 @@ def _conversation(sample_id: str, image: str | None, pairs: Sequence[tuple[str, 
     return sample
 
 
-def _finetune_pairs(facts: SceneFacts, rng: np.random.Generator) -> list[tuple[str, str]]:
-    """2-3 questions of different types (random order) about one train scene."""
+def _ocr_tokens(facts: SceneFacts) -> list[str]:
+    """The scenes contain no text: their "OCR tokens" are the names of the shapes shown, left to right."""
+    return list(dict.fromkeys(facts.classes[i] for i in facts.left_to_right()))
+
+
+def _choice_options(kind: str, answer: str, rng: np.random.Generator) -> list[str]:
+    """The options of a multiple-choice question (MMBench rows and finetune turns), `answer` among them:
+    presence has 2 ("yes", "no"), colour 3 and count and position 4; counts ascending, colours and
+    positions in random order."""
+    if kind == "presence":
+        return ["yes", "no"]
+    if kind == "count":
+        others = [str(n) for n in range(1, 7) if str(n) != answer]
+        return sorted([answer, *rng.choice(others, 3, replace=False).tolist()], key=int)
+    if kind not in ("colour", "position"):
+        raise ValueError(f"question type {kind!r} has no multiple-choice form")
+    pool = [p for p in (PALETTE if kind == "colour" else _POSITIONS) if p != answer]
+    options = [answer, *rng.choice(pool, 2 if kind == "colour" else 3, replace=False).tolist()]
+    return [options[int(i)] for i in rng.permutation(len(options))]
+
+
+def _formatted(
+    kind: str, question: str, answer: str, facts: SceneFacts, rng: np.random.Generator
+) -> tuple[str, str, str]:
+    """(form, prompt, answer) of one finetune turn: "textvqa" (`_TEXTVQA_SHARE`; `textvqa_prompt`, OCR
+    tokens listed half the time), "choice" (`_CHOICE_SHARE`, types with an MMBench form only; the MMBench
+    options rotated by a random shift, the hint half the time, `mmbench_prompt`, answered with the upper-case
+    letter) or "plain" (the question as is)."""
+    draw = rng.random()
+    if draw < _TEXTVQA_SHARE:
+        use_ocr = bool(rng.random() < _USE_OCR_SHARE)
+        return "textvqa", textvqa_prompt(question, _ocr_tokens(facts), use_ocr), answer
+    if draw < _TEXTVQA_SHARE + _CHOICE_SHARE and kind in _CHOICE_TYPES:
+        options = _choice_options(kind, answer, rng)
+        shift = int(rng.integers(len(options)))  # as `mmbench.circular_rounds` round `shift` shows them
+        options = options[shift:] + options[:shift]
+        letters = OPTION_LETTERS[: len(options)]
+        letter = letters[options.index(answer)]
+        hint = _MMBENCH_HINT if rng.random() < _HINT_SHARE else None
+        shown = Round(0, shift, question, dict(zip(letters, options, strict=True)), letter)
+        return "choice", mmbench_prompt(shown, hint), letter
+    return "plain", question, answer
+
+
+def _finetune_turns(
+    facts: SceneFacts, rng: np.random.Generator, format_rng: np.random.Generator
+) -> list[tuple[str, str, str]]:
+    """(form, prompt, answer) of 2-3 questions of different types (random order) about one train scene:
+    `rng` draws the questions, `format_rng` their prompt forms (`_formatted`)."""
     kinds = [k for k in QUESTION_TYPES if k in _eligible(facts)]
     chosen = rng.permutation(len(kinds))[: min(int(rng.integers(2, 4)), len(kinds))]
-    return [_question(kinds[int(i)], facts, rng) for i in chosen]
+    turns = []
+    for i in chosen:
+        kind = kinds[int(i)]
+        turns.append(_formatted(kind, *_question(kind, facts, rng), facts, format_rng))
+    return turns
 
 
 def _text_pairs(seed: int, index: int) -> list[tuple[str, str]]:
@@ -417,8 +508,7 @@ def _textvqa_entry(question_id: int, index: int, facts: SceneFacts, rng: np.rand
         "image_file": f"{stem}.png",
         "question": question,
         "answers": [answers[int(i)] for i in order],
-        # The scenes contain no text: the "OCR tokens" are the names of the shapes shown, left to right.
-        "ocr_tokens": list(dict.fromkeys(facts.classes[i] for i in facts.left_to_right())),
+        "ocr_tokens": _ocr_tokens(facts),
     }
 
 
@@ -430,6 +520,7 @@ _MMBENCH_CATEGORIES: dict[str, tuple[str, str]] = {
     "presence": ("presence", "coarse perception"),
 }
 _POSITIONS = ("left", "right", "top", "bottom", "centre")
+_CHOICE_TYPES = frozenset(kind for kind, _ in _MMBENCH_CATEGORIES.values())
 
 
 def _mmbench_row(index: int, facts: SceneFacts, png: bytes, rng: np.random.Generator) -> dict[str, Any]:
@@ -438,20 +529,12 @@ def _mmbench_row(index: int, facts: SceneFacts, png: bytes, rng: np.random.Gener
     category = categories[int(rng.integers(len(categories)))]
     kind, l2_category = _MMBENCH_CATEGORIES[category]
     question, answer = _question(kind, facts, rng)
-    if kind == "presence":
-        options = ["yes", "no"]
-    elif kind == "count":
-        others = [str(n) for n in range(1, 7) if str(n) != answer]
-        options = sorted([answer, *rng.choice(others, 3, replace=False).tolist()], key=int)
-    else:
-        pool = [p for p in (PALETTE if kind == "colour" else _POSITIONS) if p != answer]
-        options = [answer, *rng.choice(pool, 2 if kind == "colour" else 3, replace=False).tolist()]
-        options = [options[int(i)] for i in rng.permutation(len(options))]
-    letters = "ABCD"
+    options = _choice_options(kind, answer, rng)
+    letters = OPTION_LETTERS
     row: dict[str, Any] = {
         "index": index,
         "question": question,
-        "hint": _MMBENCH_HINT if rng.random() < 0.5 else "",
+        "hint": _MMBENCH_HINT if rng.random() < _HINT_SHARE else "",
     }
     row.update({letter: options[i] if i < len(options) else "" for i, letter in enumerate(letters)})
     row.update(
@@ -470,14 +553,17 @@ def _mmbench_row(index: int, facts: SceneFacts, png: bytes, rng: np.random.Gener
 
 
 def _qa_pairs(samples: Sequence[dict[str, Any]]) -> list[tuple[str, str, str]]:
-    """(type, question, answer) of every answered turn of image samples."""
+    """(type, plain question, plain answer) of every answered turn of image samples, in any prompt form
+    (`split_prompt`): a multiple-choice letter is mapped back to the text of the option it picks."""
     pairs = []
     for sample in samples:
         if "image" not in sample:
             continue
         messages = sample["conversations"]
-        for human, answer in zip(messages[::2], messages[1::2], strict=True):
-            pairs.append((question_type(human["value"]), human["value"], answer["value"]))
+        for human, reply in zip(messages[::2], messages[1::2], strict=True):
+            question, options = split_prompt(human["value"])
+            answer = options.get(reply["value"], reply["value"]) if options else reply["value"]
+            pairs.append((question_type(question), question, answer))
     return pairs
 
 
@@ -498,7 +584,11 @@ def _baseline(train: Sequence[dict[str, Any]], held_out: Sequence[dict[str, Any]
 
 def majority_baseline(root: str | os.PathLike[str]) -> dict[str, float]:
     """Exact-match accuracy on `finetune_val.json` of always answering the most frequent `finetune.json`
-    answer of the question's type: per type (`question_type`) and "overall" (over all held-out answers)."""
+    answer of the question's type: per type (`question_type`) and "overall" (over all held-out answers).
+
+    Every train image turn counts once with its plain answer, whatever its prompt form: TextVQA-style turns
+    with their answer as is, multiple-choice turns with the text of the option their letter picks (never
+    the letter), so the baseline does not depend on which turns were drawn for which form."""
     root = Path(root)
     train = json.loads((root / FILES["finetune"]).read_text())
     held_out = json.loads((root / FILES["finetune_val"]).read_text())
@@ -570,6 +660,7 @@ def _fill(temp: Path, train_images: int, val_images: int, image_size: int, seed:
     images = temp / FILES["images"]
     images.mkdir()
     pretrain, finetune, finetune_val, textvqa, mmbench = [], [], [], [], []
+    forms: Counter[str] = Counter({"plain": 0, "textvqa": 0, "choice": 0})
     for split, count in (("train", train_images), ("val", val_images)):
         for index in range(count):
             scene = llava_scene(seed, split, index, image_size)
@@ -582,7 +673,10 @@ def _fill(temp: Path, train_images: int, val_images: int, image_size: int, seed:
             if split == "train":
                 pretrain.append(_conversation(stem, f"{stem}.png", [(_CAPTION_PROMPT, caption(facts))]))
                 rng = _rng(seed, SPLITS.index(split), index, "finetune")
-                finetune.append(_conversation(stem, f"{stem}.png", _finetune_pairs(facts, rng)))
+                format_rng = _rng(seed, SPLITS.index(split), index, "format")
+                turns = _finetune_turns(facts, rng, format_rng)
+                forms.update(form for form, _, _ in turns)
+                finetune.append(_conversation(stem, f"{stem}.png", [(q, a) for _, q, a in turns]))
                 continue
             rng = _rng(seed, SPLITS.index(split), index, "finetune")
             for kind in QUESTION_TYPES:
@@ -630,6 +724,7 @@ def _fill(temp: Path, train_images: int, val_images: int, image_size: int, seed:
         textvqa=len(textvqa),
         mmbench=len(mmbench),
     )
+    expected["finetune_turn_forms"] = dict(forms)
     expected["vocab_size"] = vocab_size
     expected["majority_baselines"] = _baseline(finetune, finetune_val)
     expected["mmbench_chance"] = sum(1 / sum(bool(r[c]) for c in "ABCD") for r in mmbench) / len(mmbench)
@@ -651,15 +746,21 @@ def write_llava_layout(
       "conversations": [{"from": "human", "value": "<image>\\nDescribe the image briefly."},
       {"from": "gpt", "value": <caption>}]}` (`caption`);
     - `finetune.json` (stage 2): per train image 2-3 Q/A turns of different types (`<image>\\n` opens the
-      first human turn only), then `max(1, round(0.05 * train_images))` text-only samples `text_<i:05d>`
-      (no "image" key, no placeholder) on shape facts;
+      first human turn only), each independently (`_formatted`) with probability 0.25 in the TextVQA
+      prompt (`textvqa_prompt(question, shape names left to right, use_ocr)`, use_ocr half the time; same
+      answer), 0.25 as multiple choice (`mmbench_prompt(Round(...), hint)` with the options of an MMBench
+      row of that type rotated by a random shift and the hint half the time; answer = the option's
+      upper-case letter; count, presence, colour and position only, "largest" stays plain) and plain
+      otherwise; then `max(1, round(0.05 * train_images))` text-only samples `text_<i:05d>` (no "image"
+      key, no placeholder, always plain) on shape facts;
     - `finetune_val.json`: per val image one single-turn sample `val_<i:05d>_<type>` per eligible type;
     - `textvqa/TextVQA_val.json`: TextVQA annotations, one question per val image (`question_id` = index),
       ten answers of which 6-10 are exact; `ocr_tokens` are the shape names (the scenes have no text);
     - `mmbench/mmbench_dev.tsv`: one MMBench row per val image (`MMBENCH_COLUMNS`, image as base64 PNG);
     - `language_model/`: `write_tiny_language_model` (arguments `language_model`, None = its defaults) over
       every text above, `EVAL_PROMPTS` and the conversation templates;
-    - `piip_synthetic.json`: the manifest, with counts, `vocab_size`, `majority_baselines` (see
+    - `piip_synthetic.json`: the manifest, with counts, `finetune_turn_forms` (image turns of
+      `finetune.json` per form: plain, textvqa, choice), `vocab_size`, `majority_baselines` (see
       `majority_baseline`) and `mmbench_chance` (mean 1 / number of options).
 
     Atomic and refusing like `synthetic.write_imagenet_layout`."""
@@ -669,20 +770,12 @@ def write_llava_layout(
     expected = _manifest(train_images, val_images, image_size, seed, lm)
 
     start = time.perf_counter()
-    try:
-        _write_atomically(
-            root,
-            expected,
-            lambda temp: _fill(temp, train_images, val_images, image_size, seed, lm, expected),
-            "ensure_llava_layout",
-        )
-    except ValueError:
-        # A concurrent writer published `root` first: `synthetic._publish` then re-checks it with
-        # `_check_existing`, which does not know this layout's files and refuses it. Reuse it if it matches.
-        if not _existing(root, expected):
-            raise
-        log.info("%s was generated concurrently by another process; discarding this copy", root)
-        return root
+    _write_atomically(
+        root,
+        expected,
+        lambda temp: _fill(temp, train_images, val_images, image_size, seed, lm, expected),
+        "ensure_llava_layout",
+    )
     log.info(
         "Generated synthetic LLaVA-layout shapes at %s: %d train + %d val images (%dpx), vocabulary %d, "
         "majority baseline %.3f, in %.1f s",
@@ -709,35 +802,7 @@ def _listing(expected: dict[str, Any]) -> list[tuple[Path, str, int]]:
     return listing
 
 
-def _existing(root: Path, expected: dict[str, Any]) -> bool:
-    """`synthetic._check_existing` for this format: False if `root` is absent or empty, True if it holds a
-    complete layout generated with `expected`, ValueError otherwise. (`_check_existing` itself only knows
-    the listings of the ImageNet, COCO and ADE20K layouts.)"""
-    if not root.exists() or _is_empty_dir(root):
-        return False
-    manifest_path = root / MANIFEST_NAME
-    try:
-        existing = json.loads(manifest_path.read_text())
-    except (OSError, ValueError) as error:
-        raise ValueError(
-            f"{root} exists and is not empty but has no readable {MANIFEST_NAME} ({error}): refusing to "
-            "overwrite it. Delete it or point data_dir elsewhere."
-        ) from error
-    diffs = _manifest_differences(existing if isinstance(existing, dict) else {}, expected)
-    if diffs:
-        raise ValueError(
-            f"{root} holds synthetic data generated with different settings ({'; '.join(diffs)}). "
-            f"Delete it to regenerate, or choose another data_dir."
-        )
-    for relative, pattern, wanted in _listing(expected):
-        folder = root / relative
-        found = sum(1 for _ in folder.glob(pattern)) if folder.is_dir() else 0
-        if found != wanted:
-            raise ValueError(
-                f"{root} is incomplete or was modified: {folder} has {found} of {wanted} {pattern} files. "
-                f"Delete {root} to regenerate it."
-            )
-    return True
+EXTRA_LISTINGS["llava"] = _listing  # so synthetic._check_existing checks this layout's files
 
 
 def ensure_llava_layout(
@@ -756,13 +821,7 @@ def ensure_llava_layout(
     lm = _language_model_args(language_model)
     root = Path(root)
     expected = _manifest(train_images, val_images, image_size, seed, lm)
-    if _existing(root, expected):
-        log.debug("Reusing synthetic LLaVA-layout shapes at %s", root)
-        return root
     args = {"train_images": train_images, "val_images": val_images, "image_size": image_size, "seed": seed}
-    try:
-        return write_llava_layout(root, language_model=lm, **args)
-    except FileExistsError:
-        if _existing(root, expected):
-            return root
-        raise
+    return _ensure(
+        root, expected, lambda: write_llava_layout(root, language_model=lm, **args), "LLaVA layout"
+    )
