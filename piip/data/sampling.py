@@ -50,6 +50,15 @@ class ResumableSampler(Sampler[SampleKey]):
         self.drop_last = drop_last
         self.epoch = 0
         self._skip = 0  # samples of `self.epoch` (on this rank) already consumed before a resume
+        self._lengths: list[int] | None = None
+        self._group_size = 0
+
+    def group_by(self, lengths: list[int], group_size: int) -> None:
+        """Sort every run of `group_size` shuffled samples by length (longest first), so the batches cut
+        from it (one per rank) pad little; the order stays a function of (seed, epoch), hence resumable."""
+        if len(lengths) != self.dataset_size:
+            raise ValueError(f"group_by: {len(lengths)} lengths for {self.dataset_size} samples")
+        self._lengths, self._group_size = list(lengths), max(int(group_size), 1)
 
     def __len__(self) -> int:
         if self.drop_last:
@@ -72,6 +81,10 @@ class ResumableSampler(Sampler[SampleKey]):
             order = torch.randperm(self.dataset_size, generator=generator).tolist()
         else:
             order = list(range(self.dataset_size))
+        if self._lengths is not None:
+            lengths, size = self._lengths, self._group_size
+            groups = [order[i : i + size] for i in range(0, len(order), size)]
+            order = [j for group in groups for j in sorted(group, key=lambda k: -lengths[k])]
         total = len(self) * self.num_replicas
         if total > len(order):  # pad by repeating, so every rank gets the same count
             order += (order * math.ceil(total / len(order)))[: total - len(order)]
