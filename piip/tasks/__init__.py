@@ -3,6 +3,14 @@
 from piip.tasks.base import NonFiniteLossError, PIIPTask
 from piip.tasks.classification import ClassificationTask
 from piip.tasks.detection import DetectionTask
+from piip.tasks.multimodal import MultimodalTask
 from piip.tasks.segmentation import SegmentationTask
 
-__all__ = ["ClassificationTask", "DetectionTask", "NonFiniteLossError", "PIIPTask", "SegmentationTask"]
+__all__ = [
+    "ClassificationTask",
+    "DetectionTask",
+    "MultimodalTask",
+    "NonFiniteLossError",
+    "PIIPTask",
+    "SegmentationTask",
+]

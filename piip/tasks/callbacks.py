@@ -59,6 +59,9 @@ class RNGState(L.Callback):
 
 
 def batch_images(batch: Any) -> int:
-    """Images in a batch of `(images, targets)` or a dict with `images`: for `ThroughputMonitor`."""
+    """Samples in a batch of `(images, targets)`, a dict with `images`, or a batch object that counts its
+    rows (`num_samples`, multimodal batches): for `ThroughputMonitor`."""
+    if hasattr(batch, "num_samples"):
+        return batch.num_samples
     images = batch["images"] if isinstance(batch, dict) else batch[0]
     return len(images)
