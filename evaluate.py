@@ -1,9 +1,11 @@
-"""Evaluate a checkpoint: `python evaluate.py ckpt_path=PATH [data.root=…] [trainer.devices=…]`.
+"""Evaluate a checkpoint: `python evaluate.py ckpt_path=PATH [task=BENCHMARK] [data.root=…] [trainer.…]`.
 
 Rebuilds model and data from the config saved in the checkpoint, runs the task's evaluation (the
 validation split), prints a metrics table and writes them to `results.json` beside the checkpoint, keyed by
 checkpoint file name so evaluating several checkpoints of one run keeps every result. Detection also writes
 the COCO results JSON files (`<checkpoint>_bbox.json`, `<checkpoint>_segm.json`) the COCO server accepts.
+`task=textvqa` / `task=mmbench` evaluate a multimodal checkpoint on that benchmark instead of its own
+validation questions, and write the generated answers to `<checkpoint>_<benchmark>_answers.json`.
 """
 
 from __future__ import annotations
@@ -17,15 +19,19 @@ from rich.console import Console
 from rich.table import Table
 
 from piip import app
-from piip.config import CONF_DIR
+from piip.config import CONF_DIR, plain
 from piip.files import write_json
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     app.configure_cpu_math()
     ckpt_path = Path(cfg.ckpt_path).expanduser().resolve()
-    data_overrides = {k: v for k, v in cfg.data.items() if v is not None}
+    benchmark = cfg.get("task")  # e.g. task=textvqa: its data replaces the training data's question set
+    data_overrides = plain(benchmark.data) if benchmark else {}
+    data_overrides.update({k: v for k, v in cfg.data.items() if v is not None})
     saved, backbone, module = app.load_task_from_checkpoint(ckpt_path, data_overrides)
+    if benchmark:
+        saved.task.monitor = benchmark.monitor
     if cfg.use_ema is False:
         module.ema = None
     module.predictions_prefix = ckpt_path.with_suffix("")  # e.g. best_bbox.json for COCO
@@ -42,7 +48,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         results_path = ckpt_path.parent / "results.json"
         results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-        results[ckpt_path.name] = app.results_record(
+        key = f"{ckpt_path.name}:{benchmark.name}" if benchmark else ckpt_path.name
+        results[key] = app.results_record(
             saved, backbone, metrics, metrics.get(saved.task.monitor.metric), ckpt_path=str(ckpt_path)
         )
         print(f"results: {write_json(results_path, results)}")

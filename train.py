@@ -19,13 +19,28 @@ from piip.files import write_json
 
 
 def train(cfg: DictConfig) -> float | None:
+    """Every stage of the task in order (most tasks have one); returns the last stage's score."""
     app.configure_cpu_math()
+    record, previous = None, cfg.get("init_from")
+    for stage, stage_cfg in app.stage_configs(cfg):
+        done = app.finished_stage(stage_cfg) if stage else None  # a one-stage run resumes as it always did
+        record = done or fit_and_test(stage_cfg, init_from=previous)
+        previous = app.find_last_checkpoint(stage_cfg.trainer.default_root_dir) if stage else None
+        if stage and record is not None:
+            write_json(Path(cfg.trainer.default_root_dir, "results.json"), {**record, "stage": stage})
+    return record["score"] if record else None
+
+
+def fit_and_test(cfg: DictConfig, init_from: Path | None = None) -> dict | None:
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.trainer.default_root_dir)
     backbone = backbone_dict(cfg)
     datamodule = app.build_datamodule(cfg, backbone)
-    module = app.build_task(cfg, backbone, load_pretrained=cfg.load_pretrained and cfg.ckpt_path is None)
+    fresh = cfg.ckpt_path is None and init_from is None
+    module = app.build_task(cfg, backbone, load_pretrained=cfg.load_pretrained and fresh)
     ckpt_path = app.resolve_resume(cfg, module, run_dir)
+    if init_from is not None and ckpt_path is None:
+        app.load_weights(module, init_from)
     trainer = app.build_trainer(cfg, app.build_all(cfg, "callbacks"), app.build_all(cfg, "logger"))
     counts = app.complexity(cfg) if trainer.is_global_zero else {}
     for logger in trainer.loggers:
@@ -41,11 +56,11 @@ def train(cfg: DictConfig) -> float | None:
         for result in trainer.test(module, datamodule=datamodule, ckpt_path=best_path, weights_only=True):
             metrics.update(app.scalars(result))
     score = float(best) if best is not None else metrics.get(cfg.task.monitor.metric)
+    record = app.results_record(cfg, backbone, metrics, score, **counts, ckpt_path=best_path)
     if trainer.is_global_zero:
-        record = app.results_record(cfg, backbone, metrics, score, **counts, ckpt_path=best_path)
         write_json(run_dir / "results.json", record)
     app.close_loggers(trainer)
-    return score
+    return record
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import WandbLogger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from piip.config import plain
 from piip.models.config import ConfigError
@@ -47,7 +49,12 @@ def build_datamodule(cfg: DictConfig, backbone: dict[str, Any]) -> L.LightningDa
             f"task={cfg.task.name}: training needs task.{', task.'.join(missing)}; this task defines only "
             "its backbone settings so far (usable with python -m piip.tools.flops)"
         )
-    return instantiate(cfg.task.data, input_size=backbone["resolutions"][0], _convert_="all")
+    try:
+        return instantiate(cfg.task.data, input_size=backbone["resolutions"][0], _convert_="all")
+    except InstantiationException as err:  # show the data module's own message (it names the field or file)
+        if isinstance(err.__cause__, ValueError | OSError):
+            raise err.__cause__ from None
+        raise
 
 
 def build_task(cfg: DictConfig, backbone: dict[str, Any], load_pretrained: bool) -> PIIPTask:
@@ -127,11 +134,13 @@ def check_weights_fit(path: str | Path, checkpoint: dict[str, Any], module: torc
 def load_task_from_checkpoint(
     ckpt_path: Path, data_overrides: dict[str, Any] | None = None
 ) -> tuple[DictConfig, dict[str, Any], PIIPTask]:
-    """Rebuild the run config (with `task.data` overrides), backbone settings and trained module."""
+    """Rebuild the run config (`task.data` fields replaced by `data_overrides`), backbone settings and the
+    trained module."""
     checkpoint = read_checkpoint(ckpt_path)
     hparams = checkpoint["hyper_parameters"]
     saved = OmegaConf.create(hparams["run_config"])
-    saved.task.data = OmegaConf.merge(saved.task.data, data_overrides or {})
+    for key, value in (data_overrides or {}).items():  # whole values: an `eval` set replaces the saved one
+        saved.task.data[key] = value
     backbone = hparams["backbone"]
     module = build_task(saved, backbone, load_pretrained=False)
     check_weights_fit(ckpt_path, checkpoint, module)
@@ -154,6 +163,51 @@ def resolve_resume(cfg: DictConfig, module: torch.nn.Module, run_dir: Path) -> s
     check_weights_fit(ckpt_path, read_checkpoint(ckpt_path), module)
     log.info("resuming from %s", ckpt_path)
     return str(ckpt_path)
+
+
+# -- stages -----------------------------------------------------------------------------------------------
+def stage_configs(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
+    """One run config per training stage, in order; `("", cfg)` for a task without `task.stages`.
+
+    `task.stages` maps a stage name to overrides of the whole run config (task fields, trainer, callbacks,
+    test_after_fit). Each stage runs in its own folder `<run>/<stage>` with its own checkpoints and logs; a
+    later stage starts from the weights of the previous stage's last checkpoint (LLaVA's two stages).
+    """
+    stages = cfg.task.get("stages")
+    if not stages:
+        return [("", cfg)]
+    if cfg.get("ckpt_path") not in (None, "last"):
+        raise ConfigError(
+            f"ckpt_path={cfg.ckpt_path}: task {cfg.task.name} runs in stages; resume it with ckpt_path=last"
+        )
+    base = cfg.copy()
+    with open_dict(base):
+        del base.task.stages
+    root = Path(cfg.trainer.default_root_dir)
+    out = []
+    for name, overrides in stages.items():
+        stage = OmegaConf.merge(base, overrides)
+        with open_dict(stage):
+            stage.trainer.default_root_dir = str(root / name)
+            stage.run_name = f"{cfg.run_name}_{name}"
+        out.append((str(name), stage))
+    return out
+
+
+def finished_stage(cfg: DictConfig) -> dict[str, Any] | None:
+    """The results record of a stage that already ran to the end, when resuming with ckpt_path=last."""
+    results = Path(cfg.trainer.default_root_dir, "results.json")
+    if cfg.get("ckpt_path") != "last" or not results.is_file():
+        return None
+    return json.loads(results.read_text())
+
+
+def load_weights(module: torch.nn.Module, path: str | Path) -> None:
+    """Start from another run's weights (a previous stage), checked to fit; optimizer state is not taken."""
+    checkpoint = read_checkpoint(path)
+    check_weights_fit(path, checkpoint, module)
+    module.load_state_dict(checkpoint["state_dict"])
+    log.info("initialised the model from %s", path)
 
 
 # -- results ----------------------------------------------------------------------------------------------
