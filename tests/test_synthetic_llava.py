@@ -179,6 +179,8 @@ def test_crash_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         ({"language_model": {"layers": 2}}, "language_model.layers"),
         ({"language_model": {"num_heads": 0}}, "language_model.num_heads"),
         ({"language_model": {"hidden_size": 30}}, "language_model.hidden_size"),
+        ({"prompt_mix": {"textvqa": 0.8, "choice": 0.5}}, "prompt_mix"),
+        ({"prompt_mix": {"ocr": 0.1}}, "prompt_mix"),
     ],
 )
 def test_invalid_arguments(tmp_path: Path, override: dict, field: str) -> None:
@@ -516,3 +518,10 @@ def test_old_format_revision_is_refused(tmp_path: Path) -> None:
     (root / MANIFEST_NAME).write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="version"):
         ensure_llava_layout(root, **TINY)
+
+
+def test_prompt_mix_sets_the_shares_of_benchmark_prompts(tmp_path: Path) -> None:
+    root = write_llava_layout(tmp_path / "mix", **{**MIXED, "prompt_mix": {"textvqa": 0.5, "choice": 0.0}})
+    forms = load(root, MANIFEST_NAME)["finetune_turn_forms"]
+    assert forms["choice"] == 0 and 0.35 < forms["textvqa"] / sum(forms.values()) < 0.65
+    assert load(root, MANIFEST_NAME)["args"]["prompt_mix"] == {"textvqa": 0.5, "choice": 0.0}

@@ -68,7 +68,7 @@ from piip.data.synthetic import (
     sample_scene,
 )
 from piip.data.tiny_language_model import write_tiny_language_model
-from piip.metrics.mmbench import MMBENCH_INSTRUCTION, OPTION_LETTERS, Round, mmbench_prompt
+from piip.metrics.mmbench import MMBENCH_INSTRUCTION, OPTION_LETTERS, TSV_COLUMNS, Round, mmbench_prompt
 from piip.metrics.vqa import textvqa_prompt
 
 __all__ = [
@@ -115,20 +115,7 @@ FILES: dict[str, str] = {
     "mmbench": "mmbench/mmbench_dev.tsv",
     "language_model": "language_model",
 }
-MMBENCH_COLUMNS: tuple[str, ...] = (
-    "index",
-    "question",
-    "hint",
-    "A",
-    "B",
-    "C",
-    "D",
-    "answer",
-    "category",
-    "l2-category",
-    "split",
-    "image",
-)
+MMBENCH_COLUMNS = TSV_COLUMNS  # the MMBench dev TSV's columns, in order
 # Prompt suffixes LLaVA-1.5's evaluation appends (short answers, MMBench options, TextVQA OCR hint): added
 # to the vocabulary so an evaluation prompt does not tokenise to `<unk>`.
 EVAL_PROMPTS: tuple[str, ...] = (
@@ -152,8 +139,9 @@ _SIDE_RADIUS = 0.22  # left/right/top/bottom: at least this far out ...
 _SIDE_MARGIN = 0.12  # ... and this much further along its axis than along the other one
 _LARGEST_RATIO = 1.5  # "largest" is asked when its area is this many times any other class's
 _TEXT_FRACTION = 0.05  # text-only samples in finetune.json, relative to the train images
-_TEXTVQA_SHARE = 0.25  # finetune.json image turns drawn for the TextVQA prompt ...
-_CHOICE_SHARE = 0.25  # ... and for the multiple-choice prompt (plain if the type has no MMBench form)
+# Default shares of finetune.json image turns in the TextVQA prompt and in the multiple-choice prompt
+# (plain if the type has no MMBench form); `prompt_mix` overrides them.
+DEFAULT_PROMPT_MIX: dict[str, float] = {"textvqa": 0.25, "choice": 0.25}
 _USE_OCR_SHARE = 0.5  # TextVQA-style turns that list the OCR tokens
 _HINT_SHARE = 0.5  # multiple-choice turns (and MMBench rows) with the hint line
 _NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -430,17 +418,17 @@ def _choice_options(kind: str, answer: str, rng: np.random.Generator) -> list[st
 
 
 def _formatted(
-    kind: str, question: str, answer: str, facts: SceneFacts, rng: np.random.Generator
+    kind: str, question: str, answer: str, facts: SceneFacts, rng: np.random.Generator, mix: dict[str, float]
 ) -> tuple[str, str, str]:
-    """(form, prompt, answer) of one finetune turn: "textvqa" (`_TEXTVQA_SHARE`; `textvqa_prompt`, OCR
-    tokens listed half the time), "choice" (`_CHOICE_SHARE`, types with an MMBench form only; the MMBench
+    """(form, prompt, answer) of one finetune turn: "textvqa" (`mix["textvqa"]`; `textvqa_prompt`, OCR
+    tokens listed half the time), "choice" (`mix["choice"]`, types with an MMBench form only; the MMBench
     options rotated by a random shift, the hint half the time, `mmbench_prompt`, answered with the upper-case
     letter) or "plain" (the question as is)."""
     draw = rng.random()
-    if draw < _TEXTVQA_SHARE:
+    if draw < mix["textvqa"]:
         use_ocr = bool(rng.random() < _USE_OCR_SHARE)
         return "textvqa", textvqa_prompt(question, _ocr_tokens(facts), use_ocr), answer
-    if draw < _TEXTVQA_SHARE + _CHOICE_SHARE and kind in _CHOICE_TYPES:
+    if draw < mix["textvqa"] + mix["choice"] and kind in _CHOICE_TYPES:
         options = _choice_options(kind, answer, rng)
         shift = int(rng.integers(len(options)))  # as `mmbench.circular_rounds` round `shift` shows them
         options = options[shift:] + options[:shift]
@@ -453,7 +441,7 @@ def _formatted(
 
 
 def _finetune_turns(
-    facts: SceneFacts, rng: np.random.Generator, format_rng: np.random.Generator
+    facts: SceneFacts, rng: np.random.Generator, format_rng: np.random.Generator, mix: dict[str, float]
 ) -> list[tuple[str, str, str]]:
     """(form, prompt, answer) of 2-3 questions of different types (random order) about one train scene:
     `rng` draws the questions, `format_rng` their prompt forms (`_formatted`)."""
@@ -462,7 +450,7 @@ def _finetune_turns(
     turns = []
     for i in chosen:
         kind = kinds[int(i)]
-        turns.append(_formatted(kind, *_question(kind, facts, rng), facts, format_rng))
+        turns.append(_formatted(kind, *_question(kind, facts, rng), facts, format_rng, mix))
     return turns
 
 
@@ -619,7 +607,20 @@ def _language_model_args(language_model: dict[str, Any] | None) -> dict[str, int
     return args
 
 
-def _manifest(train_images: int, val_images: int, image_size: int, seed: int, lm: dict[str, int]) -> dict:
+def _prompt_mix(prompt_mix: dict[str, float] | None) -> dict[str, float]:
+    mix = {**DEFAULT_PROMPT_MIX, **(prompt_mix or {})}
+    unknown = sorted(set(mix) - set(DEFAULT_PROMPT_MIX))
+    if unknown or any(not 0 <= v <= 1 for v in mix.values()) or sum(mix.values()) > 1:
+        raise ValueError(
+            f"prompt_mix: expected shares of {sorted(DEFAULT_PROMPT_MIX)} in [0, 1] summing to at most 1, "
+            f"got {prompt_mix}"
+        )
+    return {k: float(v) for k, v in mix.items()}
+
+
+def _manifest(
+    train_images: int, val_images: int, image_size: int, seed: int, lm: dict[str, int], mix: dict[str, float]
+) -> dict:
     return {
         "generator": __name__,
         "version": [GENERATOR_VERSION, _FORMAT_REVISION],
@@ -631,6 +632,7 @@ def _manifest(train_images: int, val_images: int, image_size: int, seed: int, lm
             "image_size": int(image_size),
             "seed": int(seed),
             "language_model": lm,
+            "prompt_mix": mix,
         },
         "counts": {"train": int(train_images), "val": int(val_images)},
         "files": dict(FILES),
@@ -656,7 +658,9 @@ def _vocabulary_extras() -> list[str]:
     return [" ".join(words), *(" ".join(fact) for fact in _FACTS)]
 
 
-def _fill(temp: Path, train_images: int, val_images: int, image_size: int, seed: int, lm: dict, expected):
+def _fill(
+    temp: Path, train_images: int, val_images: int, image_size: int, seed: int, mix: dict, lm: dict, expected
+):
     images = temp / FILES["images"]
     images.mkdir()
     pretrain, finetune, finetune_val, textvqa, mmbench = [], [], [], [], []
@@ -674,7 +678,7 @@ def _fill(temp: Path, train_images: int, val_images: int, image_size: int, seed:
                 pretrain.append(_conversation(stem, f"{stem}.png", [(_CAPTION_PROMPT, caption(facts))]))
                 rng = _rng(seed, SPLITS.index(split), index, "finetune")
                 format_rng = _rng(seed, SPLITS.index(split), index, "format")
-                turns = _finetune_turns(facts, rng, format_rng)
+                turns = _finetune_turns(facts, rng, format_rng, mix)
                 forms.update(form for form, _, _ in turns)
                 finetune.append(_conversation(stem, f"{stem}.png", [(q, a) for _, q, a in turns]))
                 continue
@@ -738,6 +742,7 @@ def write_llava_layout(
     image_size: int,
     seed: int,
     language_model: dict[str, Any] | None = None,
+    prompt_mix: dict[str, float] | None = None,
 ) -> Path:
     """Write the LLaVA layout under `root`, all paths relative to it:
 
@@ -746,9 +751,11 @@ def write_llava_layout(
       "conversations": [{"from": "human", "value": "<image>\\nDescribe the image briefly."},
       {"from": "gpt", "value": <caption>}]}` (`caption`);
     - `finetune.json` (stage 2): per train image 2-3 Q/A turns of different types (`<image>\\n` opens the
-      first human turn only), each independently (`_formatted`) with probability 0.25 in the TextVQA
+      first human turn only), each independently (`_formatted`) with probability `prompt_mix["textvqa"]`
+      (default 0.25) in the TextVQA
       prompt (`textvqa_prompt(question, shape names left to right, use_ocr)`, use_ocr half the time; same
-      answer), 0.25 as multiple choice (`mmbench_prompt(Round(...), hint)` with the options of an MMBench
+      answer), `prompt_mix["choice"]` (default 0.25) as multiple choice (`mmbench_prompt(Round(...),
+      hint)` with the options of an MMBench
       row of that type rotated by a random shift and the hint half the time; answer = the option's
       upper-case letter; count, presence, colour and position only, "largest" stays plain) and plain
       otherwise; then `max(1, round(0.05 * train_images))` text-only samples `text_<i:05d>` (no "image"
@@ -766,14 +773,15 @@ def write_llava_layout(
     Atomic and refusing like `synthetic.write_imagenet_layout`."""
     _validate_dense_args(train_images=train_images, val_images=val_images, image_size=image_size, seed=seed)
     lm = _language_model_args(language_model)
+    mix = _prompt_mix(prompt_mix)
     root = Path(root)
-    expected = _manifest(train_images, val_images, image_size, seed, lm)
+    expected = _manifest(train_images, val_images, image_size, seed, lm, mix)
 
     start = time.perf_counter()
     _write_atomically(
         root,
         expected,
-        lambda temp: _fill(temp, train_images, val_images, image_size, seed, lm, expected),
+        lambda temp: _fill(temp, train_images, val_images, image_size, seed, mix, lm, expected),
         "ensure_llava_layout",
     )
     log.info(
@@ -813,15 +821,16 @@ def ensure_llava_layout(
     image_size: int,
     seed: int,
     language_model: dict[str, Any] | None = None,
+    prompt_mix: dict[str, float] | None = None,
 ) -> Path:
     """`write_llava_layout` unless `root` already holds it: a `root` generated with the same arguments is
     reused (only the manifest and directory listings are read); one from other arguments, or not generated
     by piip, raises ValueError naming what differs. A concurrent writer that publishes first is reused."""
     _validate_dense_args(train_images=train_images, val_images=val_images, image_size=image_size, seed=seed)
     lm = _language_model_args(language_model)
+    mix = _prompt_mix(prompt_mix)
     root = Path(root)
-    expected = _manifest(train_images, val_images, image_size, seed, lm)
+    expected = _manifest(train_images, val_images, image_size, seed, lm, mix)
     args = {"train_images": train_images, "val_images": val_images, "image_size": image_size, "seed": seed}
-    return _ensure(
-        root, expected, lambda: write_llava_layout(root, language_model=lm, **args), "LLaVA layout"
-    )
+    write = lambda: write_llava_layout(root, language_model=lm, prompt_mix=mix, **args)  # noqa: E731
+    return _ensure(root, expected, write, "LLaVA layout")

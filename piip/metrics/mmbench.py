@@ -18,9 +18,10 @@ from typing import Any
 from piip.metrics.vqa import QuestionRecords, plain_value
 
 OPTION_LETTERS: tuple[str, ...] = ("A", "B", "C", "D")
-REQUIRED_COLUMNS: tuple[str, ...] = (
-    "index", "question", "hint", *OPTION_LETTERS, "category", "l2-category", "split", "image",
+TSV_COLUMNS: tuple[str, ...] = (
+    "index", "question", "hint", *OPTION_LETTERS, "answer", "category", "l2-category", "split", "image",
 )  # fmt: skip
+REQUIRED_COLUMNS = tuple(c for c in TSV_COLUMNS if c != "answer")  # test splits carry no answers
 MMBENCH_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 
 # Base64 images exceed csv's default 128 KiB field limit; 2**31 - 1 also fits a 32-bit C long (Windows).
