@@ -347,7 +347,9 @@ def _gather_on_rank(rank: int, world: int, port: int, queue: object) -> None:
         1 + rank: {"bbox": [{"image_id": 1 + rank}], "segm": []},
         1: {"bbox": [{"image_id": 1}], "segm": []},
     }
-    gathered = DetectionTask._gather(SimpleNamespace(_found=found))
+    gathered = DetectionTask._gather(
+        SimpleNamespace(_found=found, gather_objects=DetectionTask.gather_objects)
+    )
     queue.put((rank, sorted(gathered), sum(len(v["bbox"]) for v in gathered.values())))
     dist.destroy_process_group()
 

@@ -14,6 +14,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+import torch.distributed as dist
 from timm.utils import ModelEmaV3
 from torch import nn
 
@@ -121,6 +122,15 @@ class PIIPTask(L.LightningModule):
                 f"checkpoint is untouched: {last}. Lower task.optim.lr, enable task.optim.gradient_clip, "
                 "or check this batch's data."
             )
+
+    @staticmethod
+    def gather_objects(obj: Any) -> list[Any]:
+        """Every rank's `obj` (picklable), in rank order; `[obj]` outside distributed runs."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return [obj]
+        parts: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, obj)
+        return parts
 
     def log_lr(self) -> None:
         optimizer = self.trainer.optimizers[0]

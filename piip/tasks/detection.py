@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from piip.files import write_json
@@ -122,11 +121,9 @@ class DetectionTask(PIIPTask):
     def _gather(self) -> dict[int, dict[str, list[dict]]]:
         """Every rank's detections (small: masks are RLE), keyed by image so the images the sampler
         repeated to even out the ranks count once."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return self._found
-        parts: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, self._found)
-        return {image_id: found for part in parts for image_id, found in part.items()}
+        return {
+            image_id: found for part in self.gather_objects(self._found) for image_id, found in part.items()
+        }
 
     def _write_predictions(self, entries: dict[str, list[dict]]) -> None:
         if self.predictions_prefix is None:

@@ -12,7 +12,6 @@ import logging
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from piip.data.conversation import TEMPLATES, generation_prompt
@@ -73,6 +72,7 @@ class MultimodalTask(PIIPTask):
         self.trainable = tuple(trainable)
         for name in PARTS:
             self.part(name).requires_grad_(name in self.trainable)
+        self.train()  # from_pretrained leaves the LM in eval mode; apply the frozen-parts policy instead
         top = self.backbone.config.resolutions[0]
         self.visual_tokens = (top // self.backbone.branches[0].strides[-1]) ** 2
         self._metric: Any = None
@@ -188,10 +188,7 @@ class MultimodalTask(PIIPTask):
 
     def on_validation_epoch_end(self) -> None:
         source = self.trainer.datamodule.source
-        states = [self._metric.state()]
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            states = [None] * dist.get_world_size()
-            dist.all_gather_object(states, self._metric.state())
+        states = self.gather_objects(self._metric.state())
         metrics: dict[str, float] = {}
         if self.trainer.is_global_zero:
             merged = source.metric()
