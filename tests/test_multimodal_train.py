@@ -143,3 +143,11 @@ def test_a_language_model_folder_that_does_not_exist_is_named(tmp_path):
         ConfigError, match="task.data.tokenizer: tokenizer folder /nowhere/vicuna does not exist"
     ):
         train_entry.train(cfg)
+
+
+def test_max_length_beyond_the_language_models_positions_is_refused(tmp_path):
+    cfg = train_config(tmp_path, tmp_path / "data", "task.data.max_length=100000", run=LLAVA_RUN)
+    with pytest.raises(
+        ConfigError, match="task.data.max_length=100000 exceeds .*max_position_embeddings=512"
+    ):
+        train_entry.train(cfg)

@@ -94,8 +94,15 @@ class MultimodalTask(PIIPTask):
 
     def setup(self, stage: str) -> None:
         data = self.trainer.datamodule
-        if data is not None and hasattr(data, "visual_tokens"):
-            data.visual_tokens = self.visual_tokens
+        if data is None or not hasattr(data, "visual_tokens"):
+            return
+        data.visual_tokens = self.visual_tokens
+        positions = getattr(self.language_model.config, "max_position_embeddings", None)
+        if positions is not None and data.max_length > positions:
+            raise ConfigError(
+                f"task.data.max_length={data.max_length} exceeds the language model's "
+                f"max_position_embeddings={positions}; lower task.data.max_length"
+            )
 
     # -- model --------------------------------------------------------------------------------------------
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
