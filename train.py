@@ -10,6 +10,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from piip import app
@@ -26,7 +27,7 @@ def train(cfg: DictConfig) -> float | None:
         done = app.finished_stage(stage_cfg) if stage else None  # a one-stage run resumes as it always did
         record = done or fit_and_test(stage_cfg, init_from=previous)
         previous = app.find_last_checkpoint(stage_cfg.trainer.default_root_dir) if stage else None
-        if stage and record is not None:
+        if stage and record is not None and rank_zero_only.rank == 0:
             write_json(Path(cfg.trainer.default_root_dir, "results.json"), {**record, "stage": stage})
     return record["score"] if record else None
 
