@@ -8,7 +8,7 @@ import re
 import sys
 from collections.abc import Iterator
 
-_RESOLUTION = re.compile(r"^(\+{0,2}resolution=)([\d_,]+)$")
+_RESOLUTION = re.compile(r"^(\+{0,2}(?:baseline_)?resolution=)([\d_,]+)$")
 
 
 def quote_resolution_overrides(argv: list[str] | None = None) -> list[str]:
