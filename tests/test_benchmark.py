@@ -28,6 +28,7 @@ def test_report_times_model_and_baseline_and_relates_them(tmp_path, capsys):
             assert figures["images_per_s"] == pytest.approx(1000 / figures["latency_ms"])
     ratios = report["ratios"]
     assert ratios["flops"] == pytest.approx(model["gflops"] / baseline["gflops"])
+    assert ratios["paper_flops"] == pytest.approx(model["paper_gflops"] / baseline["paper_gflops"])
     for mode in ("forward", "train"):
         expected = model["modes"][mode]["latency_ms"] / baseline["modes"][mode]["latency_ms"]
         assert ratios[f"{mode}_time"] == pytest.approx(expected)

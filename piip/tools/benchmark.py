@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import multiprocessing
+import queue as queue_module
 import resource
 import statistics
 import time
@@ -38,7 +39,7 @@ from piip.config import CONF_DIR, backbone_dict, compose
 from piip.files import write_json
 from piip.models import PIIPBackbone, PIIPConfig
 from piip.models.config import ConfigError
-from piip.tools.flops import measure
+from piip.tools.flops import measure, paper_count
 
 MODES = ("forward", "train")
 
@@ -122,7 +123,16 @@ def time_in_child(backbone: dict[str, Any], settings: dict[str, Any]) -> dict[st
     queue = context.Queue()
     process = context.Process(target=_child, args=(backbone, settings, queue))
     process.start()
-    status, payload = queue.get()
+    while True:  # a child killed outright (e.g. out of memory) never answers: watch it while waiting
+        try:
+            status, payload = queue.get(timeout=5)
+            break
+        except queue_module.Empty:
+            if not process.is_alive():
+                status, payload = "error", f"the measuring process died (exit code {process.exitcode})"
+                if process.exitcode == -9:
+                    payload += ", most likely killed for lack of memory: try modes=[forward] or batch_size=1"
+                break
     process.join()
     if status != "ok":
         raise RuntimeError(f"benchmark of {backbone.get('name', 'model')} failed: {payload}")
@@ -137,6 +147,7 @@ def model_entry(cfg: DictConfig, settings: dict[str, Any]) -> dict[str, Any]:
         "resolutions": list(backbone["resolutions"]),
         "params_m": counted.params_m,
         "gflops": counted.gflops,
+        "paper_gflops": paper_count(cfg).gflops,  # PAPER.md's protocol, comparable with its tables
         "modes": time_in_child(backbone, settings),
     }
     if settings["device"].startswith("cuda"):
@@ -152,8 +163,11 @@ def model_entry(cfg: DictConfig, settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def ratios(model: dict[str, Any], baseline: dict[str, Any]) -> dict[str, float]:
-    """Model / baseline: FLOPs, and time per image for every mode both ran."""
-    out = {"flops": model["gflops"] / baseline["gflops"]}
+    """Model / baseline: FLOPs (as built, and by the paper's protocol), and time per image per mode."""
+    out = {
+        "flops": model["gflops"] / baseline["gflops"],
+        "paper_flops": model["paper_gflops"] / baseline["paper_gflops"],
+    }
     for mode in model["modes"]:
         if mode in baseline["modes"]:
             out[f"{mode}_time"] = model["modes"][mode]["latency_ms"] / baseline["modes"][mode]["latency_ms"]
@@ -244,7 +258,10 @@ def print_table(report: dict[str, Any]) -> None:
     if "ratios" in report:
         r = report["ratios"]
         times = ", ".join(f"{k.removesuffix('_time')} {v:.2f}" for k, v in r.items() if k.endswith("_time"))
-        console.print(f"model / baseline: FLOPs {r['flops']:.2f} · time {times}")
+        console.print(
+            f"model / baseline: FLOPs {r['flops']:.2f} as built ({r['paper_flops']:.2f} by the paper's "
+            f"protocol) · time {times}"
+        )
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="benchmark", version_base="1.3")
