@@ -37,10 +37,12 @@ def fit_and_test(cfg: DictConfig, init_from: Path | None = None) -> dict | None:
     run_dir = Path(cfg.trainer.default_root_dir)
     backbone = backbone_dict(cfg)
     datamodule = app.build_datamodule(cfg, backbone)
-    fresh = cfg.ckpt_path is None and init_from is None
+    ckpt_path = app.resume_path(cfg, run_dir)
+    fresh = ckpt_path is None and init_from is None
     module = app.build_task(cfg, backbone, load_pretrained=cfg.load_pretrained and fresh)
-    ckpt_path = app.resolve_resume(cfg, module, run_dir)
-    if init_from is not None and ckpt_path is None:
+    if ckpt_path is not None:
+        app.check_resume(ckpt_path, module)
+    elif init_from is not None:
         app.load_weights(module, init_from)
     trainer = app.build_trainer(cfg, app.build_all(cfg, "callbacks"), app.build_all(cfg, "logger"))
     counts = app.complexity(cfg) if trainer.is_global_zero else {}

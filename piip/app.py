@@ -149,20 +149,22 @@ def load_task_from_checkpoint(
     return saved, backbone, module
 
 
-def resolve_resume(cfg: DictConfig, module: torch.nn.Module, run_dir: Path) -> str | None:
-    """The checkpoint to resume from (`ckpt_path`: null, a path, or `last`), checked against the model."""
+def resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
+    """The checkpoint to resume from (`ckpt_path`: null, a path, or `last`); None when there is none yet,
+    so the run starts fresh, pretrained weights included."""
     ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path is None:
+    if ckpt_path != "last":
+        return ckpt_path
+    last = find_last_checkpoint(run_dir)
+    if last is None:
+        log.warning("ckpt_path=last: no last*.ckpt in %s/checkpoints yet; starting from scratch", run_dir)
         return None
-    if ckpt_path == "last":
-        last = find_last_checkpoint(run_dir)
-        if last is None:
-            log.warning("ckpt_path=last: no last*.ckpt in %s/checkpoints yet; starting from scratch", run_dir)
-            return None
-        ckpt_path = last
+    return str(last)
+
+
+def check_resume(ckpt_path: str, module: torch.nn.Module) -> None:
     check_weights_fit(ckpt_path, read_checkpoint(ckpt_path), module)
     log.info("resuming from %s", ckpt_path)
-    return str(ckpt_path)
 
 
 # -- stages -----------------------------------------------------------------------------------------------

@@ -151,3 +151,13 @@ def test_max_length_beyond_the_language_models_positions_is_refused(tmp_path):
         ConfigError, match="task.data.max_length=100000 exceeds .*max_position_embeddings=512"
     ):
         train_entry.train(cfg)
+
+
+def test_ckpt_path_last_with_nothing_to_resume_starts_from_the_pretrained_weights(tmp_path):
+    """A requeued job passes ckpt_path=last from its first start: with no checkpoint yet, the language model
+    must still come from its folder, not from a random init."""
+    cfg = train_config(tmp_path, tmp_path / "data", "ckpt_path=last", run=LLAVA_RUN)
+    initial = _initial_weights(cfg)
+    train_entry.train(cfg)
+    stage1 = weights(tmp_path / "run" / "pretrain" / "checkpoints" / "last.ckpt")
+    assert not changed(initial, stage1, "language_model.")
