@@ -143,8 +143,7 @@ def load_task_from_checkpoint(
         saved.task.data[key] = value
     backbone = hparams["backbone"]
     module = build_task(saved, backbone, load_pretrained=False)
-    check_weights_fit(ckpt_path, checkpoint, module)
-    module.load_state_dict(checkpoint["state_dict"])
+    load_weights(module, ckpt_path, checkpoint)
     module.on_load_checkpoint(checkpoint)
     return saved, backbone, module
 
@@ -204,9 +203,10 @@ def finished_stage(cfg: DictConfig) -> dict[str, Any] | None:
     return json.loads(results.read_text())
 
 
-def load_weights(module: torch.nn.Module, path: str | Path) -> None:
-    """Start from another run's weights (a previous stage), checked to fit; optimizer state is not taken."""
-    checkpoint = read_checkpoint(path)
+def load_weights(module: torch.nn.Module, path: str | Path, checkpoint: dict[str, Any] | None = None) -> None:
+    """A checkpoint's weights (read from `path` unless given), checked to fit; no optimizer state. Used to
+    start from a previous stage and to rebuild a trained module."""
+    checkpoint = checkpoint if checkpoint is not None else read_checkpoint(path)
     check_weights_fit(path, checkpoint, module)
     module.load_state_dict(checkpoint["state_dict"])
     log.info("initialised the model from %s", path)
