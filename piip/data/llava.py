@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from PIL import Image
+from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
@@ -28,6 +29,7 @@ from piip.data.base import ResumableDataModule
 from piip.data.conversation import (
     IGNORE_INDEX,
     IMAGE_PLACEHOLDER,
+    IMAGE_TOKEN_INDEX,
     TEMPLATES,
     Conversation,
     ConversationError,
@@ -174,43 +176,55 @@ class ConversationDataset(Dataset):
         return load_rgb(str(path))
 
 
-def pad_sequences(sequences: list[torch.Tensor], value: int, left: bool = False) -> torch.Tensor:
-    """(B, L) right- (training) or left-padded (generation continues every row at the same column)."""
-    length = max(len(s) for s in sequences)
-    out = torch.full((len(sequences), length), value, dtype=torch.long)
-    for i, s in enumerate(sequences):
-        if left:
-            out[i, length - len(s) :] = s
-        else:
-            out[i, : len(s)] = s
-    return out
+def pad(sequences: list[torch.Tensor], value: int, left: bool = False) -> torch.Tensor:
+    """(B, L): right-padded for training, left-padded for generation (every row continues at one column)."""
+    return pad_sequence(
+        sequences, batch_first=True, padding_value=value, padding_side="left" if left else "right"
+    )
 
 
 @dataclass
-class ConversationBatch:
-    """Right-padded ids and labels; `images` holds one image per row with `has_image`, in row order."""
+class PromptBatch:
+    """Padded token ids with their mask, and the images of the rows that have one, in row order."""
 
     input_ids: torch.Tensor
-    labels: torch.Tensor
     attention_mask: torch.Tensor
     images: torch.Tensor | None
-    has_image: torch.Tensor
-    truncated: int = 0
+
+    @classmethod
+    def pad_items(cls, items: list[dict[str, Any]], pad_id: int, left: bool, **fields: Any) -> Any:
+        ids = [item["input_ids"] for item in items]
+        images = [item["image"] for item in items if item["image"] is not None]
+        return cls(
+            input_ids=pad(ids, pad_id, left),
+            attention_mask=pad([torch.ones_like(i, dtype=torch.bool) for i in ids], 0, left),
+            images=torch.stack(images) if images else None,
+            **fields,
+        )
+
+    @property
+    def has_image(self) -> torch.Tensor:
+        return (self.input_ids == IMAGE_TOKEN_INDEX).any(dim=1)
 
     @property
     def num_samples(self) -> int:
         return len(self.input_ids)
 
 
+@dataclass
+class ConversationBatch(PromptBatch):
+    """Right-padded training rows with their labels and how many were truncated."""
+
+    labels: torch.Tensor
+    truncated: int = 0
+
+
 def collate_conversations(items: list[dict[str, Any]], pad_id: int) -> ConversationBatch:
-    ids = [item["input_ids"] for item in items]
-    images = [item["image"] for item in items if item["image"] is not None]
-    return ConversationBatch(
-        input_ids=pad_sequences(ids, pad_id),
-        labels=pad_sequences([item["labels"] for item in items], IGNORE_INDEX),
-        attention_mask=pad_sequences([torch.ones_like(i) for i in ids], 0).bool(),
-        images=torch.stack(images) if images else None,
-        has_image=torch.tensor([item["image"] is not None for item in items]),
+    return ConversationBatch.pad_items(
+        items,
+        pad_id,
+        left=False,
+        labels=pad([item["labels"] for item in items], IGNORE_INDEX),
         truncated=sum(bool(item["truncated"]) for item in items),
     )
 
@@ -382,30 +396,14 @@ class QuestionDataset(Dataset):
 
 
 @dataclass
-class QuestionBatch:
-    """Left-padded prompts (generation appends at the right edge of every row)."""
+class QuestionBatch(PromptBatch):
+    """Left-padded prompts (generation appends at the right edge of every row) and their metadata."""
 
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    images: torch.Tensor | None
-    has_image: torch.Tensor
     metas: list[dict[str, Any]]
-
-    @property
-    def num_samples(self) -> int:
-        return len(self.input_ids)
 
 
 def collate_questions(items: list[dict[str, Any]], pad_id: int) -> QuestionBatch:
-    ids = [item["input_ids"] for item in items]
-    images = [item["image"] for item in items if item["image"] is not None]
-    return QuestionBatch(
-        input_ids=pad_sequences(ids, pad_id, left=True),
-        attention_mask=pad_sequences([torch.ones_like(i) for i in ids], 0, left=True).bool(),
-        images=torch.stack(images) if images else None,
-        has_image=torch.tensor([item["image"] is not None for item in items]),
-        metas=[item["meta"] for item in items],
-    )
+    return QuestionBatch.pad_items(items, pad_id, left=True, metas=[item["meta"] for item in items])
 
 
 # -- the DataModule ---------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from piip.models.config import ConfigError
 from piip.models.merge import ChannelsLastLinear, upsample
@@ -67,11 +68,10 @@ def splice_visual_tokens(
     splicing (right for training, left for generation); labels of visual tokens and padding are
     IGNORE_INDEX. Returns inputs_embeds, attention_mask and labels.
     """
-    has_image = (input_ids == IMAGE_TOKEN_INDEX).any(dim=1)
     placeholders = (input_ids == IMAGE_TOKEN_INDEX).sum(dim=1)
     if (placeholders > 1).any():
         raise ValueError(f"rows {torch.nonzero(placeholders > 1).flatten().tolist()} hold several images")
-    num_images = int(has_image.sum())
+    num_images = int(placeholders.sum())
     if num_images != (0 if visual is None else len(visual)):
         raise ValueError(
             f"{num_images} rows have an image placeholder but {0 if visual is None else len(visual)} "
@@ -84,7 +84,7 @@ def splice_visual_tokens(
         keep = attention_mask[b].bool()
         ids, emb = input_ids[b][keep], text[b][keep]
         lab = labels[b][keep] if labels is not None else None
-        if has_image[b]:
+        if placeholders[b]:
             p = int(torch.nonzero(ids == IMAGE_TOKEN_INDEX)[0, 0])
             tokens = visual[next_image].to(emb.dtype)
             next_image += 1
@@ -94,17 +94,16 @@ def splice_visual_tokens(
                 lab = torch.cat([lab[:p], ignored, lab[p + 1 :]])
         rows.append(emb)
         row_labels.append(lab)
-    length = max(len(r) for r in rows)
-    dim = text.shape[-1]
-    embeds = text.new_zeros(len(rows), length, dim)
-    mask = attention_mask.new_zeros(len(rows), length, dtype=torch.bool)
-    out_labels = input_ids.new_full((len(rows), length), IGNORE_INDEX) if labels is not None else None
-    for b, (emb, lab) in enumerate(zip(rows, row_labels, strict=True)):
-        span = slice(length - len(emb), length) if left_pad else slice(0, len(emb))
-        embeds[b, span] = emb
-        mask[b, span] = True
-        if out_labels is not None:
-            out_labels[b, span] = lab
+    side = "left" if left_pad else "right"
+    embeds = pad_sequence(rows, batch_first=True, padding_side=side)
+    mask = pad_sequence(
+        [torch.ones(len(r), dtype=torch.bool, device=r.device) for r in rows],
+        batch_first=True,
+        padding_side=side,
+    )
+    out_labels = None
+    if labels is not None:
+        out_labels = pad_sequence(row_labels, batch_first=True, padding_value=IGNORE_INDEX, padding_side=side)
     return embeds, mask, out_labels
 
 
