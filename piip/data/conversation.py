@@ -10,7 +10,7 @@ in at that position (`piip.models.multimodal.splice_visual_tokens`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from piip.models.multimodal import IGNORE_INDEX, IMAGE_TOKEN_INDEX
@@ -84,7 +84,6 @@ class Conversation:
     id: str
     turns: list[Turn]
     image: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_llava(cls, sample: dict[str, Any], where: str) -> Conversation:
@@ -181,18 +180,21 @@ def encode(
     conversation: Conversation,
     template: Template,
     tokenizer: Any,
-    max_length: int,
+    max_length: int | None,
     visual_tokens: int,
 ) -> Encoded:
     """Ids and labels of a conversation; the sequence after splicing the visual tokens is at most
-    `max_length` long.
+    `max_length` long (None: no limit, for generation prompts).
 
     Truncation keeps whole turns from the start (so every kept answer is complete); only when the first turn
     alone is too long is it cut at the end, which may shorten its answer. A conversation whose image
     placeholder would be cut off raises ConversationError, since training on it would misalign nothing but
     teach the model to answer without its image.
     """
-    budget = max_length - (visual_tokens - 1 if conversation.image is not None else 0)
+    if max_length is None:
+        budget = float("inf")
+    else:
+        budget = max_length - (visual_tokens - 1 if conversation.image is not None else 0)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     ids, labels = list(bos), [IGNORE_INDEX] * len(bos)
     truncated = False
@@ -244,8 +246,4 @@ def generation_prompt(
     if has_image and IMAGE_PLACEHOLDER not in turns[0].human:
         turns[0].human = f"{IMAGE_PLACEHOLDER}\n{turns[0].human}"
     conversation = Conversation("prompt", turns, image="prompt" if has_image else None)
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    ids = list(bos)
-    for segments in render(conversation, template):
-        ids += _encode_segments(segments, template, tokenizer)[0]
-    return ids
+    return encode(conversation, template, tokenizer, max_length=None, visual_tokens=0).input_ids

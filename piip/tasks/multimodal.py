@@ -131,7 +131,7 @@ class MultimodalTask(PIIPTask):
     def training_step(self, batch: ConversationBatch, batch_idx: int) -> torch.Tensor:
         loss = self(batch)
         self.check_finite(loss, batch_idx)
-        size = len(batch.input_ids)
+        size = batch.num_samples
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=size)
         self.log(
             "train/truncated",

@@ -34,6 +34,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
+from piip.app import configure_cpu_math
 from piip.cli import quote_resolution_overrides
 from piip.config import CONF_DIR, backbone_dict, compose
 from piip.files import write_json
@@ -112,7 +113,7 @@ def time_backbone(backbone: dict[str, Any], settings: dict[str, Any]) -> dict[st
 
 def _child(backbone: dict[str, Any], settings: dict[str, Any], queue: Any) -> None:
     try:
-        torch.set_flush_denormal(True)
+        configure_cpu_math()
         queue.put(("ok", time_backbone(backbone, settings)))
     except Exception as err:  # noqa: BLE001 - reported by the parent with the model's name
         queue.put(("error", f"{type(err).__name__}: {err}"))
