@@ -68,7 +68,14 @@ from piip.data.synthetic import (
     sample_scene,
 )
 from piip.data.tiny_language_model import write_tiny_language_model
-from piip.metrics.mmbench import MMBENCH_INSTRUCTION, OPTION_LETTERS, TSV_COLUMNS, Round, mmbench_prompt
+from piip.metrics.mmbench import (
+    MMBENCH_INSTRUCTION,
+    OPTION_LETTERS,
+    TSV_COLUMNS,
+    MMBenchQuestion,
+    circular_rounds,
+    mmbench_prompt,
+)
 from piip.metrics.vqa import textvqa_prompt
 
 __all__ = [
@@ -430,13 +437,14 @@ def _formatted(
         return "textvqa", textvqa_prompt(question, _ocr_tokens(facts), use_ocr), answer
     if draw < mix["textvqa"] + mix["choice"] and kind in _CHOICE_TYPES:
         options = _choice_options(kind, answer, rng)
-        shift = int(rng.integers(len(options)))  # as `mmbench.circular_rounds` round `shift` shows them
-        options = options[shift:] + options[:shift]
         letters = OPTION_LETTERS[: len(options)]
-        letter = letters[options.index(answer)]
+        row = MMBenchQuestion(
+            0, question, None, dict(zip(letters, options, strict=True)), letters[options.index(answer)],
+            kind, kind, "train", "",
+        )  # fmt: skip
+        shown = circular_rounds(row)[int(rng.integers(len(options)))]  # a random one of its rotations
         hint = _MMBENCH_HINT if rng.random() < _HINT_SHARE else None
-        shown = Round(0, shift, question, dict(zip(letters, options, strict=True)), letter)
-        return "choice", mmbench_prompt(shown, hint), letter
+        return "choice", mmbench_prompt(shown, hint), shown.answer
     return "plain", question, answer
 
 

@@ -302,16 +302,11 @@ class _AccuracyRecords(QuestionRecords):
 
 
 class VQAAccuracy(_AccuracyRecords):
-    """TextVQA / VQAv2 accuracy: each question has (usually 10) human answers, scored by `vqa_accuracy`."""
+    """TextVQA / VQAv2 accuracy: each question's reference is its (usually 10) human answers, scored by
+    `vqa_accuracy`."""
 
     def score(self, prediction: str, reference: Sequence[str]) -> float:
         return vqa_accuracy(prediction, reference)
-
-    def update(
-        self, question_ids: Sequence[Any], predictions: Sequence[str], answers: Sequence[Sequence[str]]
-    ) -> None:
-        """Score one batch; `answers[i]` are the human answers of question `question_ids[i]`."""
-        super().update(question_ids, predictions, answers)
 
 
 class AnswerAccuracy(_AccuracyRecords):
@@ -319,7 +314,3 @@ class AnswerAccuracy(_AccuracyRecords):
 
     def score(self, prediction: str, reference: str) -> float:
         return float(normalize_answer(prediction) == normalize_answer(reference))
-
-    def update(self, question_ids: Sequence[Any], predictions: Sequence[str], answers: Sequence[str]) -> None:
-        """Score one batch; `answers[i]` is the reference answer of question `question_ids[i]`."""
-        super().update(question_ids, predictions, answers)
