@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from piip import sharded_checkpoint as sharded
 from piip.config import plain
 from piip.models.config import ConfigError
 from piip.tasks.base import PIIPTask
@@ -90,14 +91,17 @@ def close_loggers(trainer: L.Trainer) -> None:
 
 
 # -- checkpoints ------------------------------------------------------------------------------------------
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A Lightning checkpoint written by piip, loaded with `weights_only=True`."""
+def read_checkpoint(path: str | Path, weights: bool = True) -> dict[str, Any]:
+    """A Lightning checkpoint written by piip, loaded with `weights_only=True`: one file, or the sharded
+    folder of `trainer=fsdp` (`weights=False` reads only its shapes)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    if not path.is_file() and not sharded.is_sharded_checkpoint(path):
+        raise CheckpointError(f"checkpoint not found: {path} (expected a .ckpt file or a sharded folder)")
     try:
-        # memory-mapped: checking a resume reads key names and shapes, not gigabytes of weights
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if path.is_dir():
+            checkpoint = sharded.read_sharded_checkpoint(path, weights=weights)
+        else:  # memory-mapped: checking a resume reads key names and shapes, not gigabytes of weights
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # noqa: BLE001 - torch raises many types for corrupt files
         raise CheckpointError(f"cannot read checkpoint {path}: {err}") from err
     if not isinstance(checkpoint, dict) or "run_config" not in checkpoint.get("hyper_parameters", {}):
@@ -107,7 +111,12 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def find_last_checkpoint(run_dir: str | Path) -> Path | None:
     """Newest `last*.ckpt` under the run's checkpoint folder (Lightning versions them last-v1, ...)."""
-    candidates = sorted(Path(run_dir, "checkpoints").glob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
+
+    def saved_at(path: Path) -> float:  # a sharded folder's own mtime does not change when it is rewritten
+        return (path / sharded.META_FILE if path.is_dir() else path).stat().st_mtime
+
+    found = Path(run_dir, "checkpoints").glob("last*.ckpt")
+    candidates = sorted((p for p in found if not p.name.endswith(sharded.CONSOLIDATED_SUFFIX)), key=saved_at)
     return candidates[-1] if candidates else None
 
 
@@ -162,7 +171,7 @@ def resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
 
 
 def check_resume(ckpt_path: str, module: torch.nn.Module) -> None:
-    check_weights_fit(ckpt_path, read_checkpoint(ckpt_path), module)
+    check_weights_fit(ckpt_path, read_checkpoint(ckpt_path, weights=False), module)
     log.info("resuming from %s", ckpt_path)
 
 

@@ -18,3 +18,20 @@ def write_json(path: str | Path, record: Any, indent: int | None = 2) -> Path:
         tmp = f.name
     os.replace(tmp, path)
     return path
+
+
+def write_torch(path: str | Path, obj: Any) -> Path:
+    """`torch.save` atomically, for checkpoints (a temporary file in the same folder + rename)."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("wb", dir=path.parent, suffix=".tmp", delete=False) as f:
+        tmp = f.name
+        try:
+            torch.save(obj, f)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    os.replace(tmp, path)
+    return path

@@ -33,3 +33,23 @@ class PoisonWeightsAtStep(_AtStep):
     def act(self, pl_module: L.LightningModule) -> None:
         with torch.no_grad():
             next(pl_module.backbone.parameters()).fill_(float("nan"))
+
+
+class RecordLosses(L.Callback):
+    """Keeps `<run>/losses/rank<r>_from<first step>.json` up to date with this rank's loss of every step
+    (written after each step, so a run that crashes still leaves its trajectory)."""
+
+    def __init__(self) -> None:
+        self.first_step: int | None = None
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, *args) -> None:
+        import json
+        from pathlib import Path
+
+        if self.first_step is None:
+            self.first_step = trainer.global_step - 1  # the step this batch was
+        self.losses.append(float(outputs["loss"]))
+        folder = Path(trainer.default_root_dir, "losses")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"rank{trainer.global_rank}_from{self.first_step}.json").write_text(json.dumps(self.losses))

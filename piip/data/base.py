@@ -41,6 +41,7 @@ class ResumableDataModule(L.LightningDataModule):
         self.persistent_workers = persistent_workers and num_workers > 0
         self.seed = seed
         self._resume: dict[str, int] | None = None
+        self._train_sampler: ResumableSampler | None = None
 
     def train_dataset(self) -> Dataset:
         raise NotImplementedError
@@ -55,7 +56,7 @@ class ResumableDataModule(L.LightningDataModule):
     # -- loaders ------------------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
         dataset = self.train_dataset()
-        sampler = self._sampler(len(dataset), train=True)
+        sampler = self._train_sampler = self._sampler(len(dataset), train=True)
         if self._resume is not None:
             self._apply_resume(sampler)
         return self._loader(dataset, sampler, self.batch_size, train=True)
@@ -91,7 +92,7 @@ class ResumableDataModule(L.LightningDataModule):
 
     # -- resuming mid-epoch -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, int]:
-        """Where training stands in the data: saved in every checkpoint, read back before loaders exist."""
+        """Where training stands in the data: saved in every checkpoint, applied to the train sampler."""
         trainer = self.trainer
         if trainer is None or trainer.state.fn != TrainerFn.FITTING:
             return {}
@@ -103,6 +104,9 @@ class ResumableDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._resume = dict(state) if state else None
+        # under FSDP the loader already exists: the optimizer's schedule asked for the epoch length first
+        if self._resume is not None and self._train_sampler is not None:
+            self._apply_resume(self._train_sampler)
 
     def _apply_resume(self, sampler: ResumableSampler) -> None:
         state, self._resume = self._resume, None

@@ -257,6 +257,11 @@ class PIIPBackbone(nn.Module):
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward(images).features
 
+    def shard_units(self) -> list[nn.Module]:
+        """Every branch block and interaction unit: what FSDP gathers one at a time (piip.parallel)."""
+        blocks = [block for branch in self.branches for block in branch.blocks]
+        return blocks + [unit for stage in self.interactions for unit in stage]
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Activation checkpointing per branch block and per interaction unit."""
         self.grad_checkpointing = enable

@@ -17,9 +17,11 @@ import torch
 import torch.distributed as dist
 from timm.utils import ModelEmaV3
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from piip.models import PIIPBackbone, PIIPConfig
 from piip.models.config import ConfigError
+from piip.parallel import FSDP2Strategy
 from piip.tasks.optim import OptimConfig, build_optimizer, build_scheduler, parameter_groups
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,23 @@ class PIIPTask(L.LightningModule):
         if self.optim_config.ema_decay:
             self.ema = ModelEmaV3(self.backbone, decay=self.optim_config.ema_decay)
             self.ema.requires_grad_(False)
+
+    # -- parallelism --------------------------------------------------------------------------------------
+    def shard_units(self) -> list[nn.Module]:
+        """The blocks FSDP shards one by one; tasks with more than a backbone add theirs."""
+        return self.backbone.shard_units()
+
+    def configure_model(self) -> None:
+        """Lightning calls this before the optimizer exists (for fit and again for test): shard under FSDP."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if not isinstance(strategy, FSDP2Strategy) or isinstance(self.backbone, FSDPModule):
+            return
+        if self.ema is not None:
+            raise ConfigError(
+                "trainer=fsdp: task.optim.ema_decay is set, but the EMA copy of the backbone is not sharded; "
+                "set task.optim.ema_decay=null or train with trainer=ddp"
+            )
+        strategy.shard(self, self.shard_units())
 
     # -- optimisation -------------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
