@@ -10,14 +10,15 @@ deformable interaction, RoI ops and losses keep their fp32 math.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import types
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 from piip.models.config import ConfigError
 
@@ -90,3 +91,9 @@ class FSDP2Strategy(ModelParallelStrategy):
         for child in root.children():
             if any(p.numel() for p in child.parameters()):
                 fully_shard(child, **options)
+
+
+def add_forward_method(unit: nn.Module, name: str, function: Callable[..., Any]) -> None:
+    """Give a sharded unit a second entry point that gathers its parameters as `forward` does."""
+    setattr(unit, name, types.MethodType(function, unit))
+    register_fsdp_forward_method(unit, name)

@@ -51,14 +51,15 @@ COMMON = [
     "trainer.max_epochs=2",
     "callbacks.last_checkpoint.every_n_train_steps=4",
 ]
+RUN = "piip_tiny_64_48_32"
 ONE_PROCESS = ["trainer=cpu", "task.data.batch_size=8"]
 DDP = ["trainer=ddp", "trainer.devices=2", "task.data.batch_size=4"]
 FSDP = ["trainer=fsdp", "trainer.devices=2", "task.data.batch_size=4", "trainer.strategy.param_dtype=fp32"]
 
 
-def train(root: Path, data: Path, *overrides: str, crashes: bool = False) -> Path:
-    """Runs train.py (expecting it to fail when `crashes`); returns the run folder."""
-    args = [f"paths.root_dir={root}", f"paths.data_dir={data}", *COMMON, *overrides]
+def train(root: Path, data: Path, *overrides: str, crashes: bool = False, common: list[str] = COMMON) -> Path:
+    """Runs train.py (expecting it to fail when `crashes`); returns the output folder of its task."""
+    args = [f"paths.root_dir={root}", f"paths.data_dir={data}", *common, *overrides]
     env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
         [sys.executable, "train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
@@ -66,7 +67,7 @@ def train(root: Path, data: Path, *overrides: str, crashes: bool = False) -> Pat
     assert (done.returncode != 0) == crashes, done.stderr[-4000:]
     if crashes:
         assert "simulated crash" in done.stderr, done.stderr[-4000:]
-    return root / "outputs" / "shapes" / "piip_tiny_64_48_32"
+    return root / "outputs" / "shapes"
 
 
 def mean_losses(run: Path, ranks: int, first_step: int = 0) -> list[float]:
@@ -88,12 +89,12 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """One process, two epochs; also generates the shared data folder."""
     root = tmp_path_factory.mktemp("one_process")
     data = tmp_path_factory.mktemp("data")
-    return data, train(root, data, *ONE_PROCESS)
+    return data, train(root, data, *ONE_PROCESS) / RUN
 
 
 def test_two_process_ddp_follows_the_one_process_loss_trajectory(tmp_path, reference):
     data, single = reference
-    ddp = train(tmp_path, data, *DDP)
+    ddp = train(tmp_path, data, *DDP) / RUN
     expected = mean_losses(single, ranks=1)
     assert len(expected) == 2 * STEPS_PER_EPOCH
     assert mean_losses(ddp, ranks=2) == pytest.approx(expected, rel=LOSS_RTOL)
@@ -110,11 +111,11 @@ def test_two_process_fsdp_follows_it_through_a_sharded_checkpoint_resume(tmp_pat
         "+callbacks.crash._target_=tests.lightning_helpers.CrashAtStep",
         f"+callbacks.crash.step={CRASH}",
     ]
-    first = train(tmp_path, data, *FSDP, *crash, crashes=True)
+    first = train(tmp_path, data, *FSDP, *crash, crashes=True) / RUN
     folder = first / "checkpoints" / "last.ckpt"
     assert folder.is_dir() and len(list(folder.glob("*.distcp"))) == 2  # one shard per rank
     assert read_checkpoint(folder, weights=False)["global_step"] == SAVED  # mid-way through epoch 2
-    resumed = train(tmp_path, data, *FSDP, "ckpt_path=last")
+    resumed = train(tmp_path, data, *FSDP, "ckpt_path=last") / RUN
     assert resumed == first
 
     # weights, AdamW moments, schedule and sampler position all came back, or the rest would drift
@@ -138,3 +139,66 @@ def test_two_process_fsdp_follows_it_through_a_sharded_checkpoint_resume(tmp_pat
     assert "optimizer_states" not in saved and saved["global_step"] == 2 * STEPS_PER_EPOCH
     for name, tensor in sharded["state_dict"].items():
         assert torch.equal(saved["state_dict"][name], tensor), name
+
+
+LLAVA_FSDP = [
+    "task=shapes_llava",
+    "trainer=fsdp",
+    "trainer.devices=2",
+    "trainer.precision=bf16-mixed",  # the GPU preset's numerics: bf16 gathered parameters under autocast
+    "grad_checkpointing=true",
+    "trainer.limit_train_batches=2",
+    "trainer.max_epochs=1",
+    "task.epochs=1",
+    "task.stages.finetune.task.epochs=1",
+    "task.data.batch_size=2",
+    "task.data.eval_batch_size=4",
+    "task.data.synthetic.train_images=8",
+    "task.data.synthetic.val_images=3",
+    "task.stages.pretrain.task.module.trainable=[projector]",
+]
+
+
+def test_fsdp_trains_both_llava_stages_with_a_frozen_language_model_and_answers_every_question(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    # the held-out questions are answered after stage 2 (the stage config tests after fitting)
+    common = [
+        o for o in COMMON if not o.startswith(("task.data.synthetic", "trainer.limit_val", "trainer.prec"))
+    ]
+    run = train(tmp_path, tmp_path / "data", *LLAVA_FSDP, common=common).with_name("shapes_llava")
+    run = run / "piip_tiny_64_32_32"
+
+    # stage 1 under FSDP: the LLM was sharded, gathered in bf16 and never updated
+    stage1 = read_checkpoint(run / "pretrain" / "checkpoints" / "last.ckpt")["state_dict"]
+    folder = tmp_path / "data" / "shapes_llava" / "language_model"
+    original = AutoModelForCausalLM.from_pretrained(folder).state_dict()
+    for name, tensor in original.items():
+        assert torch.equal(stage1[f"language_model.{name}"], tensor), name
+
+    # stage 2 started from the sharded stage-1 folder; both ranks' answers were gathered and scored
+    questions = json.loads((tmp_path / "data" / "shapes_llava" / "finetune_val.json").read_text())
+    results = json.loads((run / "finetune" / "results.json").read_text())
+    assert results["metrics"]["test/answer_count"] == len(questions)
+    assert 0.0 <= results["metrics"]["test/answer_accuracy"] <= 1.0
+
+
+def test_shard_units_are_every_branch_block_and_interaction_unit_once():
+    from piip.config import backbone_dict, compose
+    from piip.models import PIIPBackbone, PIIPConfig
+
+    backbone = PIIPBackbone(PIIPConfig.from_dict(backbone_dict(compose("train", ["task=shapes"]))))
+    units = backbone.shard_units()
+    assert len({id(u) for u in units}) == len(units)
+    pairs = (backbone.config.num_branches - 1) * backbone.num_interactions
+    assert len(units) == sum(b.depth for b in backbone.branches) + pairs
+    inside = {id(m) for u in units for m in u.modules() if m is not u}
+    assert not any(id(u) in inside for u in units)  # no unit nested in another
+
+
+def test_fsdp_strategy_names_a_bad_dtype():
+    from piip.models import ConfigError
+    from piip.parallel import FSDP2Strategy
+
+    with pytest.raises(ConfigError, match="trainer.strategy.param_dtype='bf4'"):
+        FSDP2Strategy(param_dtype="bf4")

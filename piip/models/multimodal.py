@@ -8,6 +8,7 @@ cell of branch 0's final grid: 32x32 = 1024 tokens for 512/16 and 1024/32 inputs
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,7 @@ class BranchProjector(nn.Module):
 
 
 def splice_visual_tokens(
-    embed_tokens: nn.Module,
+    embed_tokens: Callable[[torch.Tensor], torch.Tensor],
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     visual: torch.Tensor | None,

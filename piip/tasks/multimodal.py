@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from piip.data.conversation import TEMPLATES, generation_prompt
 from piip.data.llava import ConversationBatch, QuestionBatch, load_tokenizer
@@ -24,6 +25,7 @@ from piip.models.multimodal import (
     load_language_model,
     splice_visual_tokens,
 )
+from piip.parallel import add_forward_method
 from piip.tasks.base import PIIPTask
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,25 @@ class MultimodalTask(PIIPTask):
         self.visual_tokens = (top // self.backbone.branches[0].strides[-1]) ** 2
         self._metric: Any = None
 
+    def shard_units(self) -> list[nn.Module]:
+        """Vision blocks and the LLM's decoder layers (the classes its `_no_split_modules` names)."""
+        layer_classes = set(getattr(self.language_model, "_no_split_modules", None) or ())
+        layers = [m for m in self.language_model.modules() if type(m).__name__ in layer_classes]
+        return super().shard_units() + layers
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        # the prompt is embedded here (splice_visual_tokens), outside the LLM's forward; under FSDP that
+        # lookup must gather the LLM's root unit (embeddings, final norm, head) as its forward does
+        model = self.language_model
+        if isinstance(model, FSDPModule) and not hasattr(model, "embed_prompt"):
+            add_forward_method(model, "embed_prompt", lambda lm, ids: lm.get_input_embeddings()(ids))
+
+    def embed_prompt(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings of the prompt (under FSDP through the LLM unit's own gathering entry point)."""
+        model = self.language_model
+        return (getattr(model, "embed_prompt", None) or model.get_input_embeddings())(input_ids)
+
     def part(self, name: str) -> nn.Module:
         return {
             "vision_tower": self.backbone,
@@ -115,7 +136,7 @@ class MultimodalTask(PIIPTask):
         """The language-modelling loss over the answer tokens."""
         visual = self.encode_images(batch.images) if batch.images is not None else None
         embeds, mask, labels = splice_visual_tokens(
-            self.language_model.get_input_embeddings(),
+            self.embed_prompt,
             batch.input_ids,
             batch.attention_mask,
             visual,
@@ -155,7 +176,7 @@ class MultimodalTask(PIIPTask):
         """Greedy answers of left-padded prompts (KV-cached decoding), special tokens removed."""
         visual = self.encode_images(images) if images is not None else None
         embeds, mask, _ = splice_visual_tokens(
-            self.language_model.get_input_embeddings(), input_ids, attention_mask, visual, left_pad=True
+            self.embed_prompt, input_ids, attention_mask, visual, left_pad=True
         )
         output = self.language_model.generate(
             inputs_embeds=embeds,
