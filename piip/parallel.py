@@ -19,9 +19,11 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from piip.models.config import ConfigError
 
+FP32_POLICY = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -86,6 +88,8 @@ class FSDP2Strategy(ModelParallelStrategy):
         """
         mesh = self.device_mesh["data_parallel"]
         options = {"mesh": mesh, "mp_policy": self.mp_policy}
+        for norm in [m for m in root.modules() if isinstance(m, _BatchNorm)]:
+            fully_shard(norm, mesh=mesh, mp_policy=FP32_POLICY)  # running statistics need fp32 (FSDP1's rule)
         for unit in units:
             fully_shard(unit, reshard_after_forward=self.reshard_after_forward, **options)
         for child in root.children():

@@ -10,6 +10,7 @@ set-ups see the same images per step. Drop path is off, so nothing random depend
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -202,3 +203,40 @@ def test_fsdp_strategy_names_a_bad_dtype():
 
     with pytest.raises(ConfigError, match="trainer.strategy.param_dtype='bf4'"):
         FSDP2Strategy(param_dtype="bf4")
+
+
+@pytest.mark.parametrize(
+    "task, metric",
+    [
+        ("shapes_seg", "test/mIoU"),  # UperNet's BatchNorm keeps fp32 parameters in a unit of its own
+        pytest.param(
+            "shapes_det", "test/bbox_mAP", marks=pytest.mark.slow
+        ),  # Mask R-CNN on the sharded pyramid
+    ],
+)
+def test_fsdp_with_bf16_parameters_trains_and_tests_dense_tasks(tmp_path, task, metric):
+    dropped = (
+        "task.data.synthetic",
+        "task.backbone",
+        "trainer.limit_val",
+        "trainer.prec",
+        "test_after",
+        "trainer.max_e",
+    )
+    common = [o for o in COMMON if not o.startswith(dropped)]
+    dense = [
+        f"task={task}",
+        "trainer=fsdp",
+        "trainer.devices=2",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "task.data.batch_size=2",
+        "task.data.synthetic.train_images=4",
+        "task.data.synthetic.val_images=3",
+        "grad_checkpointing=true",
+    ]
+    run = train(tmp_path, tmp_path / "data", *dense, common=common).with_name(task) / "piip_tiny_128_96_64"
+    results = json.loads((run / "results.json").read_text())
+    assert 0.0 <= results["metrics"][metric] <= 1.0  # tested after fitting, on both ranks
+    assert math.isfinite(results["metrics"]["train/loss"])
+    assert (run / "checkpoints" / "last.ckpt" / "meta.pt").is_file()  # sharded
