@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import lightning as L
 import torch
+
+from piip.cluster import submitit_signal
 
 
 class _AtStep(L.Callback):
@@ -44,12 +50,31 @@ class RecordLosses(L.Callback):
         self.losses: list[float] = []
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, *args) -> None:
-        import json
-        from pathlib import Path
-
         if self.first_step is None:
             self.first_step = trainer.global_step - 1  # the step this batch was
         self.losses.append(float(outputs["loss"]))
         folder = Path(trainer.default_root_dir, "losses")
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"rank{trainer.global_rank}_from{self.first_step}.json").write_text(json.dumps(self.losses))
+
+
+class PreemptAtStep(_AtStep):
+    """Sends submitit's preemption signal to global rank 0 before step `step` of a job's first attempt.
+
+    Rank 0 of each attempt appends the global step it starts training at to `<run>/train_starts.txt`; the
+    signal is sent only while that file has one line, so the resumed attempt is not preempted again. Other
+    ranks get no signal: they learn of it from rank 0 (as when SLURM's signal reaches ranks at different
+    times).
+    """
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.first_attempt = False
+        if trainer.is_global_zero:
+            starts = Path(trainer.default_root_dir, "train_starts.txt")
+            with starts.open("a") as file:
+                file.write(f"{trainer.global_step}\n")
+            self.first_attempt = len(starts.read_text().split()) == 1
+
+    def act(self, pl_module: L.LightningModule) -> None:
+        if self.first_attempt:
+            os.kill(os.getpid(), submitit_signal())
