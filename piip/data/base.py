@@ -58,7 +58,8 @@ class ResumableDataModule(L.LightningDataModule):
         dataset = self.train_dataset()
         sampler = self._train_sampler = self._sampler(len(dataset), train=True)
         if self._resume is not None:
-            self._apply_resume(sampler)
+            self._apply_resume(sampler, self._resume)
+            self._resume = None
         return self._loader(dataset, sampler, self.batch_size, train=True)
 
     def val_dataloader(self) -> DataLoader:
@@ -104,12 +105,12 @@ class ResumableDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._resume = dict(state) if state else None
-        # under FSDP the loader already exists: the optimizer's schedule asked for the epoch length first
+        # under FSDP the loader already exists (the optimizer's schedule asked for the epoch length first);
+        # a loader built later resumes too (the sampler forgets a position of an epoch other than its own)
         if self._resume is not None and self._train_sampler is not None:
-            self._apply_resume(self._train_sampler)
+            self._apply_resume(self._train_sampler, self._resume)
 
-    def _apply_resume(self, sampler: ResumableSampler) -> None:
-        state, self._resume = self._resume, None
+    def _apply_resume(self, sampler: ResumableSampler, state: dict[str, int]) -> None:
         if state["batch_size"] != self.batch_size:
             log.warning(
                 "resuming with batch size %d instead of %d: the interrupted epoch restarts from the start",
