@@ -88,6 +88,8 @@ class FSDP2Strategy(ModelParallelStrategy):
         """
         mesh = self.device_mesh["data_parallel"]
         options = {"mesh": mesh, "mp_policy": self.mp_policy}
+        if self._layer_sync is not None:  # trainer.sync_batchnorm (ADE20K heads); DDP applies it in setup
+            self._layer_sync.apply(root)
         for norm in [m for m in root.modules() if isinstance(m, _BatchNorm)]:
             fully_shard(norm, mesh=mesh, mp_policy=FP32_POLICY)  # running statistics need fp32 (FSDP1's rule)
         for unit in units:
