@@ -70,6 +70,7 @@ def time_backbone(backbone: dict[str, Any], settings: dict[str, Any]) -> dict[st
     cuda = device.type == "cuda"
     rss_before = _rss_mb()
     model = PIIPBackbone(PIIPConfig.from_dict(backbone)).to(device)
+    model.set_grad_checkpointing(settings["grad_checkpointing"])  # recomputation: only `train` changes
     runner = torch.compile(model) if settings["compile"] else model
     size = backbone["resolutions"][0]
     images = torch.randn(settings["batch_size"], 3, size, size, device=device)
@@ -187,6 +188,7 @@ def settings_of(cfg: DictConfig) -> dict[str, Any]:
         "device": device,
         "dtype": cfg.dtype,
         "compile": bool(cfg.compile),
+        "grad_checkpointing": bool(cfg.grad_checkpointing),
         "batch_size": int(cfg.batch_size),
         "warmup": int(cfg.warmup),
         "iters": int(cfg.iters),
@@ -222,6 +224,7 @@ def print_table(report: dict[str, Any]) -> None:
     title = (
         f"task {report['task']} · {settings['device']} · {settings['dtype']} · "
         f"{'compiled' if settings['compile'] else 'eager'} · batch {settings['batch_size']}"
+        f"{' · activation checkpointing' if settings['grad_checkpointing'] else ''}"
     )
     table = Table(title=title)
     columns = [
