@@ -85,6 +85,14 @@ def assert_same_weights(expected: dict[str, torch.Tensor], actual: dict[str, tor
         torch.testing.assert_close(actual[name].float(), tensor.float(), atol=WEIGHT_ATOL, rtol=0, msg=name)
 
 
+def evaluate_on_cpu(run_dir: Path, ckpt: Path) -> dict[str, float]:
+    import evaluate as evaluate_entry
+    from tests.test_train import compose_config
+
+    overrides = [f"ckpt_path={ckpt}", "trainer=cpu", "+trainer.enable_progress_bar=false"]
+    return evaluate_entry.evaluate(compose_config("evaluate", run_dir, overrides))
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """One process, two epochs; also generates the shared data folder."""
@@ -133,6 +141,10 @@ def test_two_process_fsdp_follows_it_through_a_sharded_checkpoint_resume(tmp_pat
     }
 
     single_file = consolidate(folder)
+    on_folder, on_file = (
+        evaluate_on_cpu(tmp_path / name, ckpt) for name, ckpt in [("a", folder), ("b", single_file)]
+    )
+    assert on_folder == on_file and on_folder["val/top1"] >= 0.0
     saved = torch.load(single_file, map_location="cpu", weights_only=True)
     assert saved["hyper_parameters"]["run_config"]["trainer"]["strategy"]["_target_"].endswith(
         "FSDP2Strategy"
