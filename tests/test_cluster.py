@@ -30,25 +30,16 @@ from submitit.slurm.slurm import SlurmJob
 
 from piip.cluster import RequeueOnPreemption, SubmititEnvironment
 from piip.config import CONF_DIR
+from tests.test_cli import TINY as CLI_TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHERS = "hydra_plugins.hydra_submitit_launcher.submitit_launcher"  # (Hydra's plugin scan reloads it)
 USR_SIGNAL = signal.SIGUSR2  # submitit's default preemption signal (SUBMITIT_PREEMPT_SIGNAL unset)
 # The tiny classification run: 48 training images in batches of 8, so one epoch is 6 steps; 5 here.
 TINY = [
-    "trainer=cpu",
-    "logger=csv",
-    "callbacks.progress_bar=null",
+    *(o for o in CLI_TINY if not o.startswith("trainer.limit_train_batches")),
     "callbacks.model_summary=null",
-    "trainer.max_epochs=1",
     "trainer.limit_train_batches=5",
-    "task.val_every_n_epochs=1",
-    "trainer.num_sanity_val_steps=0",
-    "task.data.num_workers=0",
-    "task.data.batch_size=8",
-    "task.data.synthetic.train_per_class=6",
-    "task.data.synthetic.val_per_class=2",
-    "test_after_fit=false",
 ]
 PREEMPT_AT_STEP_2 = [
     "+callbacks.preempt._target_=tests.lightning_helpers.PreemptAtStep",
