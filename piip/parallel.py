@@ -3,9 +3,9 @@
 `trainer=fsdp` selects `FSDP2Strategy`, a Lightning `ModelParallelStrategy` that shards over all processes
 (pure data parallelism; no tensor parallelism) and lets the task say which modules are blocks
 (`PIIPTask.shard_units`). Mixed precision is FSDP2's own policy: fp32 master weights sharded across ranks,
-bf16 copies gathered for compute and communication, gradients reduced in fp32,
-while ops run under Lightning's bf16 autocast (`precision: bf16-mixed`) exactly as under DDP: the
-deformable interaction, RoI ops and losses keep their fp32 math.
+bf16 copies gathered for compute and communication, gradients reduced in fp32, while ops run under
+Lightning's bf16 autocast (`precision: bf16-mixed`) exactly as under DDP: the deformable interaction, RoI
+ops and losses keep their fp32 math, and BatchNorm layers keep fp32 parameters (units of their own).
 """
 
 from __future__ import annotations
@@ -37,10 +37,11 @@ class FSDP2Strategy(ModelParallelStrategy):
     """Fully sharded data parallelism over every device of every node, one shard unit per block.
 
     Why `ModelParallelStrategy` and not Lightning's `FSDPStrategy`: the latter wraps modules in FSDP1's
-    `FullyShardedDataParallel`, which flattens parameters (names change, frozen and trainable parameters
-    cannot share a unit: PIIP-LLaVA's stage 1 freezes the LLM inside the same model). FSDP2's
-    `fully_shard` keeps parameter names (layer-wise lr decay and checkpoints stay as they are) and shards
-    per parameter. Checkpoints are sharded folders (`python -m piip.tools.consolidate` makes one file).
+    `FullyShardedDataParallel`, which flattens each unit's parameters into one buffer (frozen and trainable
+    parameters mixed in a unit need `use_orig_params`, and the optimizer state is keyed by flat buffers).
+    FSDP2's `fully_shard` shards per parameter and keeps names, so layer-wise lr decay, PIIP-LLaVA's frozen
+    parts and checkpoint keys stay as they are. Checkpoints are sharded folders
+    (`python -m piip.tools.consolidate` makes one file).
     """
 
     def __init__(
