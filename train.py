@@ -44,7 +44,8 @@ def fit_and_test(cfg: DictConfig, init_from: Path | None = None) -> dict | None:
         app.check_resume(ckpt_path, module)
     elif init_from is not None:
         app.load_weights(module, init_from)
-    trainer = app.build_trainer(cfg, app.build_all(cfg, "callbacks"), app.build_all(cfg, "logger"))
+    loggers = app.build_loggers(cfg, resuming=ckpt_path is not None)
+    trainer = app.build_trainer(cfg, app.build_all(cfg, "callbacks"), loggers)
     counts = app.complexity(cfg) if trainer.is_global_zero else {}
     for logger in trainer.loggers:
         logger.log_hyperparams({f"model/{k}": v for k, v in counts.items()})

@@ -77,6 +77,26 @@ def build_all(cfg: DictConfig, key: str) -> list[Any]:
     return [instantiate(node, _convert_="all") for node in (cfg.get(key) or {}).values() if node is not None]
 
 
+def build_loggers(cfg: DictConfig, resuming: bool) -> list[Any]:
+    """The configured loggers. A resumed run (`ckpt_path`, a requeued cluster job) continues its W&B run,
+    found by the `latest-run` link under the W&B folder, instead of starting a second one."""
+    wandb = (cfg.get("logger") or {}).get("wandb")
+    run_id = previous_wandb_run(Path(wandb.save_dir, "wandb")) if resuming and wandb is not None else None
+    if run_id is not None:
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            cfg.logger.wandb.id = run_id
+            cfg.logger.wandb.resume = "allow"
+        log.info("resuming W&B run %s", run_id)
+    return build_all(cfg, "logger")
+
+
+def previous_wandb_run(folder: Path) -> str | None:
+    """The id of the newest W&B run written under `folder` (`latest-run` -> `[offline-]run-<time>-<id>`)."""
+    latest = folder / "latest-run"
+    return latest.resolve().name.rsplit("-", 1)[-1] if latest.is_symlink() else None
+
+
 def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], loggers: list[Any]) -> L.Trainer:
     if not loggers:  # `logger=none`: the LR monitor has nowhere to write and would refuse to start
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]

@@ -80,3 +80,21 @@ def test_multirun_with_subprocess_ddp_runs_each_job_once_in_its_folder(tmp_path)
         assert (sweep / job / "results.json").is_file()
         assert (sweep / job / "train_ddp_process_1.log").is_file()  # rank 1 ran this job, in this folder
     assert not (tmp_path / "outputs").exists()  # no child fell back to a run folder of its own
+
+
+def test_a_resumed_run_continues_its_wandb_run(tmp_path):
+    """A crashed (or requeued) process and the one resuming it log into one W&B run."""
+    args = [
+        f"paths.root_dir={tmp_path}",
+        *TINY,
+        "logger=wandb",
+        "callbacks.last_checkpoint.every_n_train_steps=1",
+    ]
+    crash = ["+callbacks.crash._target_=tests.lightning_helpers.CrashAtStep", "+callbacks.crash.step=1"]
+    crashed = run("train.py", *args, *crash)
+    assert crashed.returncode != 0 and "simulated crash at step 1" in crashed.stderr
+    resumed = run("train.py", *args, "ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    folders = list((tmp_path / "outputs" / "shapes" / "piip_tiny_64_48_32" / "wandb").glob("offline-run-*"))
+    assert len(folders) == 2  # one per process
+    assert len({folder.name.rsplit("-", 1)[1] for folder in folders}) == 1  # one run id
