@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,8 +18,8 @@ import torch
 
 from piip.app import read_checkpoint
 from piip.tools.consolidate import consolidate
+from tests.test_cli import run
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH = 6  # 8 classes x 6 images, global batch 8
 SAVED, CRASH = 8, 9  # last.ckpt every 4 steps; a crash before step 9 resumes from step 8
 # fp32 sums in another order (all-reduce vs one batch) differ in the last bits; AdamW then amplifies the
@@ -61,10 +58,7 @@ FSDP = ["trainer=fsdp", "trainer.devices=2", "task.data.batch_size=4", "trainer.
 def train(root: Path, data: Path, *overrides: str, crashes: bool = False, common: list[str] = COMMON) -> Path:
     """Runs train.py (expecting it to fail when `crashes`); returns the output folder of its task."""
     args = [f"paths.root_dir={root}", f"paths.data_dir={data}", *common, *overrides]
-    env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(
-        [sys.executable, "train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
+    done = run("train.py", *args)
     assert (done.returncode != 0) == crashes, done.stderr[-4000:]
     if crashes:
         assert "simulated crash" in done.stderr, done.stderr[-4000:]
