@@ -178,3 +178,18 @@ class PIIPTask(L.LightningModule):
         if self.ema is not None:
             models["ema"] = self.ema.module
         return models
+
+
+class ValidationHooksForTest:
+    """For tasks whose evaluation gathers predictions over an epoch (COCO results, generated answers): the
+    test stage runs the validation hooks unchanged (the test split is the val split; see ResumableDataModule)
+    and logs under `test/` because they read `trainer.testing`."""
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_start(self) -> None:
+        self.on_validation_epoch_start()
+
+    def on_test_epoch_end(self) -> None:
+        self.on_validation_epoch_end()

@@ -19,7 +19,7 @@ from piip.files import write_json
 from piip.metrics import coco as coco_metrics
 from piip.models.config import ConfigError
 from piip.models.mask_rcnn import MaskRCNN, MaskRCNNConfig
-from piip.tasks.base import PIIPTask
+from piip.tasks.base import PIIPTask, ValidationHooksForTest
 from piip.tasks.visualise import log_images
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 Batch = tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]
 
 
-class DetectionTask(PIIPTask):
+class DetectionTask(ValidationHooksForTest, PIIPTask):
     """`detector` holds `MaskRCNNConfig` fields; `num_classes` counts object classes (no background)."""
 
     def __init__(
@@ -108,15 +108,6 @@ class DetectionTask(PIIPTask):
         for name, value in metrics.items():
             self.log(f"{stage}/{name}", value, prog_bar=name in ("bbox_mAP", "segm_mAP"))
         log_images(self, f"{stage}/examples", self._examples)
-
-    def test_step(self, batch: Batch, batch_idx: int) -> None:
-        self.validation_step(batch, batch_idx)
-
-    def on_test_epoch_start(self) -> None:
-        self.on_validation_epoch_start()
-
-    def on_test_epoch_end(self) -> None:
-        self.on_validation_epoch_end()
 
     def _gather(self) -> dict[int, dict[str, list[dict]]]:
         """Every rank's detections (small: masks are RLE), keyed by image so the images the sampler

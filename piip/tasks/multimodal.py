@@ -26,14 +26,14 @@ from piip.models.multimodal import (
     splice_visual_tokens,
 )
 from piip.parallel import add_forward_method
-from piip.tasks.base import PIIPTask
+from piip.tasks.base import PIIPTask, ValidationHooksForTest
 
 log = logging.getLogger(__name__)
 
 PARTS = ("vision_tower", "projector", "language_model")
 
 
-class MultimodalTask(PIIPTask):
+class MultimodalTask(ValidationHooksForTest, PIIPTask):
     def __init__(
         self,
         backbone: dict[str, Any],
@@ -229,12 +229,3 @@ class MultimodalTask(PIIPTask):
         stage = "test" if self.trainer.testing else "val"
         for name, value in metrics.items():
             self.log(f"{stage}/{name}", value, prog_bar=name.endswith("accuracy"))
-
-    def test_step(self, batch: QuestionBatch, batch_idx: int) -> None:
-        self.validation_step(batch, batch_idx)
-
-    def on_test_epoch_start(self) -> None:
-        self.on_validation_epoch_start()
-
-    def on_test_epoch_end(self) -> None:
-        self.on_validation_epoch_end()
