@@ -18,26 +18,26 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from piip import app
-from piip.config import CONF_DIR, plain
-from piip.files import write_json
+from piip.data.files import write_json
+from piip.run import build, checkpoints, results
+from piip.run.config import CONF_DIR, plain
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
-    app.configure_cpu_math()
+    build.configure_cpu_math()
     ckpt_path = Path(cfg.ckpt_path).expanduser().resolve()
     benchmark = cfg.get("task")  # e.g. task=textvqa: its data replaces the training data's question set
     data_overrides = plain(benchmark.data) if benchmark else {}
     data_overrides.update({k: v for k, v in cfg.data.items() if v is not None})
-    saved, backbone, module = app.load_task_from_checkpoint(ckpt_path, data_overrides)
+    saved, backbone, module = checkpoints.load_task_from_checkpoint(ckpt_path, data_overrides)
     if benchmark:
         saved.task.monitor = benchmark.monitor
     if cfg.use_ema is False:
         module.ema = None
     module.predictions_prefix = ckpt_path.with_suffix("")  # e.g. best_bbox.json for COCO
-    datamodule = app.build_datamodule(saved, backbone)
-    trainer = app.build_trainer(cfg, app.build_all(cfg, "callbacks"), app.build_all(cfg, "logger"))
-    metrics = app.scalars(trainer.validate(module, datamodule=datamodule)[0])
+    datamodule = build.build_datamodule(saved, backbone)
+    trainer = build.build_trainer(cfg, build.build_all(cfg, "callbacks"), build.build_all(cfg, "logger"))
+    metrics = results.scalars(trainer.validate(module, datamodule=datamodule)[0])
 
     table = Table(title=f"{saved.model.name} · {saved.task.name} · {ckpt_path.name}")
     table.add_column("metric")
@@ -47,12 +47,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     Console().print(table)
     if trainer.is_global_zero:
         results_path = ckpt_path.parent / "results.json"
-        results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+        recorded = json.loads(results_path.read_text()) if results_path.is_file() else {}
         key = f"{ckpt_path.name}:{benchmark.name}" if benchmark else ckpt_path.name
-        results[key] = app.results_record(
+        recorded[key] = results.results_record(
             saved, backbone, metrics, metrics.get(saved.task.monitor.metric), ckpt_path=str(ckpt_path)
         )
-        print(f"results: {write_json(results_path, results)}")
+        print(f"results: {write_json(results_path, recorded)}")
     return metrics
 
 

@@ -11,8 +11,8 @@ import time
 
 import torch
 
-from piip.config import model_config
 from piip.models import PIIPBackbone
+from piip.run.presets import model_config
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from piip.cluster import submitit_signal
+from piip.distributed.cluster import submitit_signal
 
 
 class _AtStep(L.Callback):

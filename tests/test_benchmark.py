@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from piip.config import compose
-from piip.models.config import ConfigError
+from piip.errors import ConfigError
+from piip.run.config import compose
 from piip.tools import benchmark
 from piip.tools.flops import flops_report
 

@@ -15,7 +15,12 @@ from omegaconf import OmegaConf
 from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
 
 from piip.models import BranchSpec, build_branch
-from piip.models.checkpoint import HF_INDEX_FILES, HF_WEIGHT_FILES, load_branch_checkpoint, read_state_dict
+from piip.models.branches.checkpoint import (
+    HF_INDEX_FILES,
+    HF_WEIGHT_FILES,
+    load_branch_checkpoint,
+    read_state_dict,
+)
 
 VISION = dict(
     hidden_size=32,

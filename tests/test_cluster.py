@@ -1,4 +1,4 @@
-"""Cluster configs (conf/cluster) and the preemption callback (piip.cluster).
+"""Cluster configs (conf/cluster) and the preemption callback (piip.distributed.cluster).
 
 The end-to-end tests run `train.py -m cluster=submitit_local` (submitit's local executor, the rehearsal of
 cluster=slurm) on the tiny CPU classification run; cluster=slurm itself is checked by composing it and by
@@ -28,8 +28,8 @@ from omegaconf.errors import InterpolationValidationError
 from submitit.core.utils import DelayedSubmission
 from submitit.slurm.slurm import SlurmJob
 
-from piip.cluster import RequeueOnPreemption, SubmititEnvironment
-from piip.config import CONF_DIR
+from piip.distributed.cluster import RequeueOnPreemption, SubmititEnvironment
+from piip.run.config import CONF_DIR
 from tests.test_cli import TINY as CLI_TINY
 
 ROOT = Path(__file__).resolve().parents[1]

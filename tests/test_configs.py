@@ -8,9 +8,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from piip.cli import quote_resolution_overrides
-from piip.config import CONF_DIR, backbone_dict, compose, model_config
-from piip.models import ConfigError, PIIPBackbone, PIIPConfig
+from piip.errors import ConfigError
+from piip.models import PIIPBackbone, PIIPConfig
+from piip.run.cli import quote_resolution_overrides
+from piip.run.config import CONF_DIR, backbone_dict, compose
+from piip.run.presets import model_config
 
 TASK_OF_KIND = {
     "detection": "coco",

@@ -9,7 +9,7 @@ import pytest
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from piip.data.conversation import (
+from piip.data.llava.conversation import (
     IGNORE_INDEX,
     IMAGE_TOKEN_INDEX,
     TEMPLATES,
@@ -18,8 +18,8 @@ from piip.data.conversation import (
     encode,
     generation_prompt,
 )
-from piip.data.llava import load_tokenizer
-from piip.models.config import ConfigError
+from piip.data.llava.dataset import load_tokenizer
+from piip.errors import ConfigError
 
 _TEXT = (
     "a chat between curious human and an artificial intelligence assistant . the gives helpful , detailed "

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from piip.data import Ade20kDataModule, DataError
+from piip.data import Ade20kDataModule
 from piip.data.ade20k import (
     Ade20kSplit,
     EvalTransform,
@@ -24,6 +24,7 @@ from piip.data.ade20k import (
     scale_saturation,
 )
 from piip.data.sampling import SampleKey
+from piip.errors import DataError
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

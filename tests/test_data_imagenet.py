@@ -8,8 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from piip.data import DataError, ImageFolderDataModule
+from piip.data import ImageFolderDataModule
 from piip.data.sampling import SampleKey
+from piip.errors import DataError
 
 
 def write_split(root: Path, split: str, classes: dict[str, int], size: int = 40) -> None:

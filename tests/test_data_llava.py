@@ -10,19 +10,18 @@ import pytest
 import torch
 from PIL import Image
 
-from piip.data.conversation import TEMPLATES, ConversationError
-from piip.data.imagenet import DataError
-from piip.data.llava import (
+from piip.data.llava.conversation import TEMPLATES, ConversationError
+from piip.data.llava.dataset import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ConversationDataset,
     ImageProcessor,
-    TextVQA,
     collate_conversations,
-    question_source,
 )
+from piip.data.llava.questions import question_source
 from piip.data.sampling import ResumableSampler
-from piip.models.config import ConfigError
+from piip.errors import ConfigError, DataError
+from piip.evaluation.textvqa import TextVQA
 from tests.test_conversation import make_tokenizer
 
 TURNS = [

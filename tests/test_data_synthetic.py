@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from piip.data import synthetic
-from piip.data.synthetic import (
+from piip.data.synthetic.shapes import (
     GENERATOR_VERSION,
     MANIFEST_NAME,
     SHAPE_CLASSES,
@@ -33,6 +32,7 @@ from piip.data.synthetic import (
     sample_scene,
     write_imagenet_layout,
 )
+from piip.data.synthetic import shapes as synthetic
 
 SMALL = dict(train_per_class=3, val_per_class=2, image_size=32, seed=0)
 

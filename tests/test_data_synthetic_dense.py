@@ -10,8 +10,7 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from piip.data import synthetic
-from piip.data.synthetic import (
+from piip.data.synthetic.shapes import (
     ADE20K_DIR,
     MANIFEST_NAME,
     SHAPE_CLASSES,
@@ -25,6 +24,7 @@ from piip.data.synthetic import (
     write_ade20k_layout,
     write_coco_layout,
 )
+from piip.data.synthetic import shapes as synthetic
 from tests.test_data_synthetic import crash_render_after
 
 COCO_ARGS = {

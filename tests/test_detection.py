@@ -11,17 +11,17 @@ from pycocotools import mask as mask_utils
 from torchmetrics.detection import MeanAveragePrecision
 from torchvision import tv_tensors
 
-from piip.config import backbone_dict, compose
 from piip.data.coco import CocoInstances, collate_detection
-from piip.data.detection_transforms import (
+from piip.data.transforms import (
     DetectionAugmentation,
     KeepRatioResize,
     RandomSizeCrop,
     keep_ratio_size,
 )
-from piip.metrics import coco as coco_metrics
-from piip.models import ConfigError
-from piip.models.mask_rcnn import MaskRCNNConfig
+from piip.errors import ConfigError
+from piip.evaluation import coco as coco_metrics
+from piip.models.heads.mask_rcnn import MaskRCNNConfig
+from piip.run.config import backbone_dict, compose
 from piip.tasks.detection import DetectionTask
 
 SLIM = {
@@ -43,7 +43,7 @@ def tiny_task(**detector: object) -> DetectionTask:
 
 @pytest.fixture(scope="module")
 def coco_split(tmp_path_factory: pytest.TempPathFactory) -> CocoInstances:
-    from piip.data.synthetic import write_coco_layout
+    from piip.data.synthetic.shapes import write_coco_layout
 
     root = write_coco_layout(
         tmp_path_factory.mktemp("coco"), train_images=2, val_images=10, image_size=96, seed=3

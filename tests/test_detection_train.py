@@ -88,7 +88,7 @@ def test_debug_fast_runs_one_batch_end_to_end_without_drawing(tmp_path):
 
 
 def test_a_class_count_that_differs_from_the_annotations_is_refused(tmp_path):
-    from piip.models import ConfigError
+    from piip.errors import ConfigError
 
     cfg = train_config(tmp_path, tmp_path / "data", "task.module.num_classes=5", run=DET_RUN)
     with pytest.raises(

@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 import torch
 
-from piip.config import CONF_DIR, backbone_dict, compose, plain
-from piip.data.detection_transforms import DetectionAugmentation
+from piip.data.transforms import DetectionAugmentation
 from piip.models.backbone import PIIPBackbone
-from piip.models.config import PIIPConfig
-from piip.models.mask_rcnn import MaskRCNNConfig
+from piip.models.backbone.config import PIIPConfig
+from piip.models.heads.mask_rcnn import MaskRCNNConfig
+from piip.run.config import CONF_DIR, backbone_dict, compose, plain
 from piip.tasks.optim import OptimConfig
 from piip.tools.paper_table import ROWS, PaperRow
 from tests.test_train import compose_config

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from piip import app
-from piip.config import CONF_DIR, backbone_dict, plain
 from piip.models.backbone import PIIPBackbone
-from piip.models.config import PIIPConfig
+from piip.models.backbone.config import PIIPConfig
+from piip.run import stages
+from piip.run.config import CONF_DIR, backbone_dict, plain
 from piip.tasks.optim import OptimConfig
 from piip.tools.paper_table import ROWS
 from tests.test_train import compose_config
@@ -44,7 +44,7 @@ def test_llava_experiment(name: str, tmp_path: Path):
     size = name.rsplit("_", 1)[1]
     assert cfg.task.module.language_model.path.endswith(f"vicuna-{size}-v1.5")
 
-    (first, pretrain), (second, finetune) = app.stage_configs(cfg)
+    (first, pretrain), (second, finetune) = stages.stage_configs(cfg)
     assert (first, second) == ("pretrain", "finetune")
     expected = {
         "pretrain": (256, 1e-3, ["projector"], "plain"),

@@ -15,8 +15,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from piip.app import build_task
-from piip.app import load_task_from_checkpoint
+from piip.run.build import build_task
+from piip.run.checkpoints import load_task_from_checkpoint
 
 LEGACY = Path(__file__).parent / "fixtures" / "legacy"
 
@@ -33,7 +33,7 @@ def test_a_legacy_classification_checkpoint_rebuilds_and_gives_its_logits():
 
 def _regenerate_llava_files(run_config: dict, root: Path) -> None:
     """The tiny language model's vocabulary comes from the generated texts: write them again."""
-    from piip.data.synthetic_llava import ensure_llava_layout
+    from piip.data.synthetic import ensure_llava_layout
 
     data = run_config["task"]["data"]
     folder = ensure_llava_layout(root, **data["synthetic"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from piip.config import wandb_offline
+from piip.run.config import wandb_offline
 
 
 @pytest.fixture

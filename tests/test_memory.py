@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from piip.config import backbone_dict, compose
-from piip.models.config import ConfigError
+from piip.errors import ConfigError
+from piip.run.config import backbone_dict, compose
 from piip.tools import memory
 
 DET = ["model=piip_tiny", "task=shapes_det", "batch_size=2"]

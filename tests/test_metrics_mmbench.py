@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from piip.metrics.mmbench import (
+from piip.evaluation.mmbench import (
     MMBenchCircular,
     Round,
     circular_rounds,

@@ -8,7 +8,8 @@ import pickle
 import pytest
 import torch
 
-from piip.metrics.vqa import AnswerAccuracy, VQAAccuracy, normalize_answer, textvqa_prompt, vqa_accuracy
+from piip.evaluation.answers import AnswerAccuracy
+from piip.evaluation.textvqa import VQAAccuracy, normalize_answer, textvqa_prompt, vqa_accuracy
 
 # -- normalize_answer --------------------------------------------------------------------------------------
 

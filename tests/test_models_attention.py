@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from piip.models.attention import GridAttention, window_partition, window_unpartition
+from piip.models.backbone.attention import GridAttention, window_partition, window_unpartition
 
 
 def attention_pair(window_size: int, window_pad: str = "qkv", dim: int = 32, heads: int = 2):

@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from piip.models import ConfigError, PIIPBackbone, WindowConfig, build_branch
-from piip.models.deformable import DeformableAttention
+from piip.errors import ConfigError
+from piip.models import PIIPBackbone, WindowConfig, build_branch
+from piip.models.backbone.deformable import DeformableAttention
 
 PYRAMID_STRIDES = (4, 8, 16, 32)
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from piip.models import PIIPBackbone, build_branch
-from piip.models.checkpoint import LoadReport
+from piip.models.branches.checkpoint import LoadReport
 
 DIM = 32
 

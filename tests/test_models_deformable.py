@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from piip.models.deformable import DeformableAttention, deformable_sample, reference_points
+from piip.models.backbone.deformable import DeformableAttention, deformable_sample, reference_points
 
 
 def reference_sample(

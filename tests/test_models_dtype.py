@@ -4,9 +4,9 @@ attention keeps float32 math and the pyramid handed to detection heads is float3
 import pytest
 import torch
 
-from piip.config import model_config
 from piip.models import PIIPBackbone
-from piip.models.deformable import DeformableAttention
+from piip.models.backbone.deformable import DeformableAttention
+from piip.run.presets import model_config
 
 
 @pytest.fixture

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from piip.models import BranchSpec, ConfigError, InteractionConfig, PIIPBackbone, PIIPConfig, WindowConfig
+from piip.errors import ConfigError
+from piip.models import BranchSpec, InteractionConfig, PIIPBackbone, PIIPConfig, WindowConfig
 
 
 def two_branches(vit) -> list[BranchSpec]:

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from piip.models.config import ConfigError
-from piip.models.multimodal import IGNORE_INDEX, IMAGE_TOKEN_INDEX, BranchProjector, splice_visual_tokens
+from piip.errors import ConfigError
+from piip.models.heads.llava import IGNORE_INDEX, IMAGE_TOKEN_INDEX, BranchProjector, splice_visual_tokens
 
 P = IMAGE_TOKEN_INDEX
 

@@ -11,7 +11,7 @@ import torch
 
 import evaluate as evaluate_entry
 import train as train_entry
-from piip.models.config import ConfigError
+from piip.errors import ConfigError
 from piip.tools import chat
 from tests.test_train import QUIET_CPU_RUN, compose_config, train_config
 
@@ -56,14 +56,14 @@ def _initial_weights(cfg) -> dict[str, torch.Tensor]:
     """The stage-1 model as train.py builds it (same seed), before any step."""
     import lightning as L
 
-    from piip import app
-    from piip.config import backbone_dict
+    from piip.run import build, stages
+    from piip.run.config import backbone_dict
 
-    (_, stage), _ = app.stage_configs(cfg)
+    (_, stage), _ = stages.stage_configs(cfg)
     L.seed_everything(stage.seed, workers=True)
     backbone = backbone_dict(stage)
-    app.build_datamodule(stage, backbone)  # writes the embedded data and its language model
-    module = app.build_task(stage, backbone, load_pretrained=True)
+    build.build_datamodule(stage, backbone)  # writes the embedded data and its language model
+    module = build.build_task(stage, backbone, load_pretrained=True)
     return {k: v.clone() for k, v in module.state_dict().items()}
 
 

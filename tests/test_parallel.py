@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from piip.app import read_checkpoint
+from piip.run.checkpoints import read_checkpoint
 from piip.tools.consolidate import consolidate
 from tests.test_cli import run
 
@@ -191,8 +191,8 @@ def test_fsdp_trains_both_llava_stages_with_a_frozen_language_model_and_answers_
 
 
 def test_shard_units_are_every_branch_block_and_interaction_unit_once():
-    from piip.config import backbone_dict, compose
     from piip.models import PIIPBackbone, PIIPConfig
+    from piip.run.config import backbone_dict, compose
 
     backbone = PIIPBackbone(PIIPConfig.from_dict(backbone_dict(compose("train", ["task=shapes"]))))
     units = backbone.shard_units()
@@ -204,8 +204,8 @@ def test_shard_units_are_every_branch_block_and_interaction_unit_once():
 
 
 def test_fsdp_strategy_names_a_bad_dtype():
-    from piip.models import ConfigError
-    from piip.parallel import FSDP2Strategy
+    from piip.distributed.fsdp import FSDP2Strategy
+    from piip.errors import ConfigError
 
     with pytest.raises(ConfigError, match="trainer.strategy.param_dtype='bf4'"):
         FSDP2Strategy(param_dtype="bf4")

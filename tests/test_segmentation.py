@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 
 import train as train_entry
-from piip.config import backbone_dict, compose
 from piip.data.ade20k import EvalTransform
-from piip.metrics import SegmentationScores, segmentation_scores
-from piip.models import ConfigError
-from piip.models.sliding import slide_inference, sliding_windows, whole_inference
-from piip.models.upernet import FCNHead, UperNetHead
+from piip.errors import ConfigError
+from piip.evaluation import SegmentationScores, segmentation_scores
+from piip.models.heads.sliding import slide_inference, sliding_windows, whole_inference
+from piip.models.heads.upernet import FCNHead, UperNetHead
+from piip.run.config import backbone_dict, compose
 from piip.tasks import SegmentationTask
 from piip.tasks.segmentation import segmentation_loss
 from tests.test_train import QUIET_CPU_RUN, train_config

@@ -1,4 +1,4 @@
-"""LLaVA layout from the synthetic shapes (piip.data.synthetic_llava) and its tiny language model."""
+"""LLaVA layout from the synthetic shapes (piip.data.synthetic.llava) and its tiny language model."""
 
 from __future__ import annotations
 
@@ -15,10 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from piip.data import synthetic_llava
-from piip.data.conversation import IMAGE_PLACEHOLDER, Conversation, template_texts
-from piip.data.synthetic import MANIFEST_NAME, SHAPE_CLASSES, render_image, render_instance_masks
-from piip.data.synthetic_llava import (
+from piip.data.llava.conversation import IMAGE_PLACEHOLDER, Conversation, template_texts
+from piip.data.synthetic.language_model import normalise, tokenizer_words, write_tiny_language_model
+from piip.data.synthetic.llava import (
     EVAL_PROMPTS,
     MMBENCH_COLUMNS,
     PALETTE,
@@ -31,9 +30,10 @@ from piip.data.synthetic_llava import (
     split_prompt,
     write_llava_layout,
 )
-from piip.data.tiny_language_model import normalise, tokenizer_words, write_tiny_language_model
-from piip.metrics.mmbench import MMBENCH_INSTRUCTION, OPTION_LETTERS, Round, mmbench_prompt
-from piip.metrics.vqa import textvqa_prompt
+from piip.data.synthetic.shapes import MANIFEST_NAME, SHAPE_CLASSES, render_image, render_instance_masks
+from piip.data.synthetic import llava as synthetic_llava
+from piip.evaluation.mmbench import MMBENCH_INSTRUCTION, OPTION_LETTERS, Round, mmbench_prompt
+from piip.evaluation.textvqa import textvqa_prompt
 
 ARGS = {"train_images": 12, "val_images": 6, "image_size": 64, "seed": 0}
 SMALL_LM = {"hidden_size": 32, "intermediate_size": 64, "num_heads": 2}

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from piip.errors import ConfigError
 from piip.models import PIIPBackbone
-from piip.models.config import ConfigError
 from piip.tasks.optim import OptimConfig, build_optimizer, build_scheduler, lr_factor, parameter_groups
 
 

@@ -18,9 +18,8 @@ from omegaconf import DictConfig, open_dict
 
 import evaluate as evaluate_entry
 import train as train_entry
-from piip.app import CheckpointError
-from piip.config import CONF_DIR
-from piip.models import ConfigError
+from piip.errors import CheckpointError, ConfigError
+from piip.run.config import CONF_DIR
 from piip.tasks import NonFiniteLossError
 
 # A CPU run that logs to CSV and prints no progress bar or model summary (shared by the task test files).
@@ -201,7 +200,7 @@ def test_two_process_ddp_spawn_on_cpu(tmp_path, data_dir):
 
 
 def test_every_experiment_config_composes(tmp_path):
-    from piip.config import backbone_dict
+    from piip.run.config import backbone_dict
 
     experiments = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
     assert len(experiments) >= 3

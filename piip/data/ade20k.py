@@ -22,11 +22,11 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 
-from piip.data.base import ResumableDataModule
-from piip.data.imagenet import DataError, load_rgb
+from piip.data.base import ResumableDataModule, load_rgb
 from piip.data.sampling import SeededTransform
 from piip.data.synthetic import MANIFEST_NAME
-from piip.metrics.segmentation import IGNORE_INDEX
+from piip.errors import DataError
+from piip.evaluation.ade20k import IGNORE_INDEX
 
 ADE20K_DIR = "ADEChallengeData2016"
 SPLIT_DIRS = {"train": "training", "val": "validation"}

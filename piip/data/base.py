@@ -14,11 +14,22 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.trainer.states import TrainerFn
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from piip.data.sampling import ResumableSampler
+from piip.errors import DataError
 
 log = logging.getLogger(__name__)
+
+
+def load_rgb(path: str) -> Image.Image:
+    try:
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise DataError(f"cannot read image {path}: {err}. Remove or replace this file.") from err
 
 
 class ResumableDataModule(L.LightningDataModule):

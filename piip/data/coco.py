@@ -1,7 +1,7 @@
 """COCO instances (`train2017/`, `val2017/`, `annotations/instances_*.json`) for torchvision detection models.
 
 Images come out as uint8 `tv_tensors.Image`s resized in the loader workers (mmdet's keep-ratio rule,
-`piip.data.detection_transforms`); normalisation and padding happen on the device in the detector. Targets
+`piip.data.transforms`); normalisation and padding happen on the device in the detector. Targets
 follow torchvision's convention (`boxes` xyxy, `labels` 1..K contiguous, `masks` N×H×W uint8) plus
 `orig_size`, so predictions are mapped back to the stored image for COCO evaluation; `category_ids` maps
 labels back to COCO ids for the results JSON.
@@ -21,10 +21,10 @@ from pycocotools.coco import COCO
 from torchvision import tv_tensors
 from torchvision.transforms.functional import pil_to_tensor
 
-from piip.data.base import ResumableDataModule
-from piip.data.detection_transforms import DetectionAugmentation, empty_target
-from piip.data.imagenet import DataError, load_rgb
+from piip.data.base import ResumableDataModule, load_rgb
 from piip.data.sampling import SeededTransform
+from piip.data.transforms import DetectionAugmentation, empty_target
+from piip.errors import DataError
 
 log = logging.getLogger(__name__)
 

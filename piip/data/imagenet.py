@@ -10,27 +10,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
 from timm.data import create_transform
 from torchvision.datasets import ImageFolder
 
-from piip.data.base import ResumableDataModule
+from piip.data.base import ResumableDataModule, load_rgb
 from piip.data.sampling import SeededTransform
+from piip.errors import DataError
 
 log = logging.getLogger(__name__)
-
-
-class DataError(ValueError):
-    """Missing or malformed data; the message names the path and what was expected."""
-
-
-def load_rgb(path: str) -> Image.Image:
-    try:
-        with open(path, "rb") as f:
-            image = Image.open(f)
-            return image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise DataError(f"cannot read image {path}: {err}. Remove or replace this file.") from err
 
 
 def image_folder(split_dir: Path) -> ImageFolder:

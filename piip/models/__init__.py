@@ -1,15 +1,21 @@
-"""Pure torch/timm modules: no Lightning, no Hydra."""
+"""Pure torch/timm/torchvision modules: no Lightning, no Hydra, no OmegaConf. A plain `PIIPConfig` builds a
+backbone in a notebook; the presets in conf/ are composed by `piip.run.presets`."""
 
-from piip.models.backbone import PIIPBackbone, PIIPOutput
+from piip.models.backbone import (
+    BranchSpec,
+    InteractionConfig,
+    PIIPBackbone,
+    PIIPConfig,
+    PIIPOutput,
+    WindowConfig,
+)
 from piip.models.branches import BRANCH_FAMILIES, Branch, BranchState, build_branch
-from piip.models.config import BranchSpec, ConfigError, InteractionConfig, PIIPConfig, WindowConfig
 
 __all__ = [
     "BRANCH_FAMILIES",
     "Branch",
     "BranchSpec",
     "BranchState",
-    "ConfigError",
     "InteractionConfig",
     "PIIPBackbone",
     "PIIPConfig",

@@ -19,9 +19,9 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
+from piip.distributed.fsdp import FSDP2Strategy
+from piip.errors import ConfigError
 from piip.models import PIIPBackbone, PIIPConfig
-from piip.models.config import ConfigError
-from piip.parallel import FSDP2Strategy
 from piip.tasks.optim import OptimConfig, build_optimizer, build_scheduler, parameter_groups
 
 log = logging.getLogger(__name__)

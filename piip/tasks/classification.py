@@ -12,7 +12,7 @@ from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from piip.models.config import ConfigError
+from piip.errors import ConfigError
 from piip.tasks.base import PIIPTask
 
 

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-from piip.files import write_json
-from piip.metrics import coco as coco_metrics
-from piip.models.config import ConfigError
-from piip.models.mask_rcnn import MaskRCNN, MaskRCNNConfig
+from piip.data.files import write_json
+from piip.errors import ConfigError
+from piip.evaluation import coco as coco_metrics
+from piip.models.heads.mask_rcnn import MaskRCNN, MaskRCNNConfig
 from piip.tasks.base import PIIPTask, ValidationHooksForTest
 from piip.tasks.visualise import log_images
 

@@ -15,17 +15,18 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
-from piip.data.conversation import TEMPLATES, generation_prompt
-from piip.data.llava import ConversationBatch, QuestionBatch, load_tokenizer
-from piip.files import write_json
-from piip.models.config import ConfigError
-from piip.models.multimodal import (
+from piip.data.files import write_json
+from piip.data.llava.conversation import TEMPLATES, generation_prompt
+from piip.data.llava.dataset import ConversationBatch, load_tokenizer
+from piip.data.llava.questions import QuestionBatch
+from piip.distributed.fsdp import add_forward_method
+from piip.errors import ConfigError
+from piip.models.heads.llava import (
     BranchProjector,
     language_model_width,
     load_language_model,
     splice_visual_tokens,
 )
-from piip.parallel import add_forward_method
 from piip.tasks.base import PIIPTask, ValidationHooksForTest
 
 log = logging.getLogger(__name__)

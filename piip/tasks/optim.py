@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from piip.models.config import ConfigError
+from piip.errors import ConfigError
 
 
 @dataclass

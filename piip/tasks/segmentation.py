@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
 
-from piip.metrics.segmentation import IGNORE_INDEX, SegmentationScores
-from piip.models.config import ConfigError
-from piip.models.sliding import slide_inference, whole_inference
-from piip.models.upernet import FCNHead, UperNetHead, resize
+from piip.errors import ConfigError
+from piip.evaluation.ade20k import IGNORE_INDEX, SegmentationScores
+from piip.models.heads.sliding import slide_inference, whole_inference
+from piip.models.heads.upernet import FCNHead, UperNetHead, resize
 from piip.tasks.base import PIIPTask
 from piip.tasks.visualise import log_images
 

@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from piip import app
-from piip.data.imagenet import DataError, load_rgb
-from piip.data.llava import ImageProcessor
+from piip.data.base import load_rgb
+from piip.data.llava.dataset import ImageProcessor
+from piip.errors import DataError
+from piip.run import build, checkpoints
 
 USAGE = (
     "usage: python -m piip.tools.chat ckpt_path=PATH [image=FILE] [question=TEXT] [device=cpu|cuda] "
@@ -36,8 +37,8 @@ def chat(
     max_new_tokens: int = 64,
 ) -> list[str]:
     """The answers given (one with `question`, else one per line read from stdin)."""
-    app.configure_cpu_math()
-    saved, backbone, module = app.load_task_from_checkpoint(Path(ckpt_path).expanduser().resolve())
+    build.configure_cpu_math()
+    saved, backbone, module = checkpoints.load_task_from_checkpoint(Path(ckpt_path).expanduser().resolve())
     if not hasattr(module, "answer"):
         raise SystemExit(
             f"{ckpt_path} holds a {saved.task.kind} model ({saved.task.name}), not a multimodal one"

@@ -15,9 +15,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from piip.app import CheckpointError, read_checkpoint
-from piip.files import write_torch
-from piip.sharded_checkpoint import CONSOLIDATED_SUFFIX, is_sharded_checkpoint
+from piip.data.files import write_torch
+from piip.errors import CheckpointError
+from piip.run.checkpoints import read_checkpoint
+from piip.run.sharded import CONSOLIDATED_SUFFIX, is_sharded_checkpoint
 
 
 def consolidate(folder: Path, out: Path | None = None) -> Path:

@@ -5,7 +5,7 @@
     python -m piip.tools.memory model=piip_tiny task=coco dtype=fp32 validate=true
 
 Why an estimate: we plan GPU runs (DDP or FSDP, with or without activation checkpointing) without a GPU.
-The task model (backbone + task heads) is built as `train.py` builds it (`piip.app.build_task`), but on the
+The task model (backbone + task heads) is built as `train.py` builds it (`piip.run.build.build_task`), but on the
 meta device; its parameters become fake tensors (`FakeTensorMode`: shapes and dtypes, no storage) and one
 training forward runs on them under `torch.autocast("cpu", bfloat16)`, the way Lightning's bf16-mixed wraps
 a step. Inside `torch.autograd.graph.saved_tensors_hooks`, every distinct storage autograd keeps for backward
@@ -21,7 +21,7 @@ Assumptions, per GPU (say them wherever the figures are quoted):
   `gradient_as_bucket_view` is off as Lightning leaves it), plus autocast's cache of bf16 weight copies
   (bf16 only): 2 B per parameter of the linear and conv layers (or the counted constant, if larger), full at
   the end of the forward with or without checkpointing.
-  FSDP (full sharding over `devices`, one unit per branch block and per interaction unit as piip.parallel
+  FSDP (full sharding over `devices`, one unit per branch block and per interaction unit as piip.distributed.fsdp
   shards, the rest counted as one root unit): the state divided by `devices`, plus the transient bf16
   all-gather of the root unit and of the largest unit twice (the running one and the prefetched one) and
   that unit's unsharded gradient (bf16, then fp32 for the reduce-scatter); no autocast weight copies (the
@@ -68,15 +68,15 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from piip.app import build_task, configure_cpu_math
-from piip.cli import quote_resolution_overrides
-from piip.config import CONF_DIR, backbone_dict
-from piip.files import write_json
-from piip.metrics.segmentation import IGNORE_INDEX as IGNORE
+from piip.data.files import write_json
+from piip.errors import ConfigError
+from piip.evaluation.ade20k import IGNORE_INDEX as IGNORE
 from piip.models import PIIPBackbone, PIIPConfig
-from piip.models.config import ConfigError
-from piip.models.mask_rcnn import MaskRCNN
-from piip.models.upernet import resize
+from piip.models.heads.mask_rcnn import MaskRCNN
+from piip.models.heads.upernet import resize
+from piip.run.build import build_task, configure_cpu_math
+from piip.run.cli import quote_resolution_overrides
+from piip.run.config import CONF_DIR, backbone_dict
 
 GIB = 2**30
 KINDS_WITH_HEADS = ("detection", "segmentation", "classification")
@@ -365,7 +365,7 @@ def state_figures(params: dict[str, int], devices: int, bf16: bool) -> dict[str,
         "ddp": sharded + BUCKET_BYTES * params["trainable"] + replicated,
         "fsdp": sharded / devices + replicated,
         # gathered: the root remainder and the largest unit twice (running, prefetched); its gradient:
-        # computed in the gathered dtype, then reduce-scattered in fp32 (piip.parallel's default)
+        # computed in the gathered dtype, then reduce-scattered in fp32 (piip.distributed.fsdp's default)
         "fsdp_transient": gathered * (root + 2 * params["largest_unit"])
         + (gathered + REDUCE_BYTES) * params["largest_unit"],
         "step_ddp": STEP_TEMP_BYTES * params["trainable"],

@@ -6,88 +6,17 @@ paper's; `tests/test_paper_table.py` checks each row within 2 %.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from piip.analysis.flops import paper_count
+from piip.analysis.paper_rows import ROWS, PaperRow
+from piip.run.config import compose, paper_protocol, paper_twin_dict
 
-
-@dataclass(frozen=True)
-class PaperRow:
-    table: str
-    model: str
-    task: str
-    resolution: str
-    params_m: float | None  # README #Param, None where the table gives none
-    gflops: float
-    note: str = ""
-    protocol_gflops: float | None = None  # PAPER.md's own recount where the README figure is wrong
-
-    @property
-    def expected_gflops(self) -> float:
-        return self.protocol_gflops or self.gflops
-
-    @property
-    def overrides(self) -> list[str]:
-        return [f"model={self.model}", f"task={self.task}", f"resolution='{self.resolution}'"]
-
-
-README_13B_NOTE = (
-    "README repeats the 12-interaction 7B figure; the 13B config has 24 interactions (PAPER.md §7.4), "
-    "so the protocol recount is ≈732 G / ≈1214 G"
-)
-
-ROWS: list[PaperRow] = [
-    PaperRow("COCO DeiT", "vit_b", "coco", "1024", 90, 463),
-    PaperRow("COCO DeiT", "piip_tsb", "coco", "1120_896_448", 146, 243),
-    PaperRow("COCO DeiT", "piip_tsb", "coco", "1568_896_448", 147, 287),
-    PaperRow("COCO DeiT", "piip_tsb", "coco", "1568_1120_672", 149, 453),
-    PaperRow("COCO DeiT", "vit_l", "coco", "1024", 308, 1542),
-    PaperRow("COCO DeiT", "piip_sbl", "coco", "1120_672_448", 493, 727),
-    PaperRow("COCO DeiT", "piip_sbl", "coco", "1344_896_448", 495, 1002),
-    PaperRow("COCO DeiT", "piip_sbl", "coco", "1568_896_672", 497, 1464),
-    PaperRow("COCO DeiT", "piip_tsbl", "coco", "1344_896_672_448", 506, 755),
-    PaperRow("COCO DeiT", "piip_tsbl", "coco", "1568_1120_672_448", 507, 861),
-    PaperRow("COCO DeiT", "piip_tsbl", "coco", "1792_1568_1120_448", 512, 1535),
-    PaperRow("COCO DeiT", "internvit_6b", "coco", "1024", 5919, 29323),
-    PaperRow("COCO DeiT", "piip_h6b", "coco", "1024_512", 6872, 11080),
-    PaperRow("Speed-up", "piip_sbl_augreg", "coco", "1568_1120_672", 498, 1874),
-    PaperRow("Speed-up", "piip_sbl_augreg_speedup", "coco", "1568_1120_672", 470, 1741),
-    PaperRow("Speed-up", "piip_h6b_speedup", "coco", "1024_512", 6752, 10692),
-    PaperRow("COCO ConvNeXt", "convnext_b", "coco", "1024", None, 321),
-    PaperRow("COCO ConvNeXt", "piip_ct_cs_cb", "coco", "1024_672_448", None, 326),
-    PaperRow("COCO ConvNeXt", "piip_ct_vs_vb", "coco", "1024_672_448", None, 373),
-    PaperRow("COCO ConvNeXt", "piip_ct_cs_vb", "coco", "1024_672_448", None, 431),
-    PaperRow("COCO ConvNeXt", "piip_ct_vs_cb", "coco", "1024_672_448", None, 297),
-    PaperRow("COCO ConvNeXt", "piip_vt_cs_vb", "coco", "1024_672_448", None, 291),
-    PaperRow("COCO ConvNeXt", "piip_vt_cs_cb", "coco", "1024_672_448", None, 231),
-    PaperRow("COCO ConvNeXt", "piip_vt_vs_cb", "coco", "1024_672_448", None, 193),
-    PaperRow("ADE20K", "internvit_6b", "ade20k", "512", 5910, 6364),
-    PaperRow("ADE20K", "piip_h6b", "ade20k", "512_192", 6745, 1663),
-    PaperRow("ADE20K", "piip_h6b", "ade20k", "512_256", 6745, 2354),
-    PaperRow("ADE20K", "piip_h6b", "ade20k", "512_384", 6746, 4374),
-    PaperRow("ADE20K", "piip_h6b", "ade20k", "512_512", 6747, 7308),
-    PaperRow("ImageNet", "piip_tsb", "imagenet", "368_192_128", 144, 17.4),
-    PaperRow("ImageNet", "piip_sbl_augreg", "imagenet", "320_160_96", 489, 39.0),
-    PaperRow("ImageNet", "piip_sbl_augreg", "imagenet", "384_192_128", 489, 61.2),
-    PaperRow("LLaVA", "llava15_clip_l14_336", "llava", "336", None, 191),
-    PaperRow("LLaVA", "piip_llava_clip_bl_512_256", "llava", "512_256", None, 193),
-    PaperRow("LLaVA", "piip_llava_cnxb_clipl_640_224", "llava", "640_224", None, 191),
-    PaperRow("LLaVA", "piip_llava_clip_bl_512_448", "llava", "512_448", None, 422),
-    PaperRow("LLaVA", "piip_llava_cnxb_clipl_1024_336", "llava", "1024_336", None, 598),
-    PaperRow("LLaVA", "piip_llava_cnxl_clipl_1024_336", "llava", "1024_336", None, 1037),
-    PaperRow(
-        "LLaVA", "piip_llava_cnxb_clipl_1024_336_13b", "llava", "1024_336", None, 598, README_13B_NOTE, 732
-    ),
-    PaperRow(
-        "LLaVA", "piip_llava_cnxl_clipl_1024_336_13b", "llava", "1024_336", None, 1037, README_13B_NOTE, 1214
-    ),
-]
+__all__ = ["ROWS", "PaperRow", "count_row", "main", "relative_error"]
 
 
 def count_row(row: PaperRow) -> tuple[float, float]:
     """(params M, GFLOPs) of a row with the paper protocol."""
-    from piip.config import compose
-    from piip.tools.flops import paper_count
-
-    result = paper_count(compose("flops", row.overrides))
+    cfg = compose("flops", row.overrides)
+    result = paper_count(paper_twin_dict(cfg), paper_protocol(cfg))
     return result.params_m, result.gflops
 
 

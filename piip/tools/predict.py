@@ -18,8 +18,8 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from piip import app
-from piip.data import DataError
+from piip.errors import DataError
+from piip.run import build, checkpoints
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 USAGE = (
@@ -43,13 +43,13 @@ def predict(
     ckpt_path: str, image: str, output: str = ".", device: str | None = None, score: float | None = None
 ) -> list[Path]:
     """Annotated PNGs for one image or every image of a folder; returns the files written."""
-    app.configure_cpu_math()
-    saved, backbone, module = app.load_task_from_checkpoint(Path(ckpt_path).expanduser().resolve())
+    build.configure_cpu_math()
+    saved, backbone, module = checkpoints.load_task_from_checkpoint(Path(ckpt_path).expanduser().resolve())
     if score is not None:
         module.score_to_draw = float(score)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     module.to(device).eval()
-    datamodule = app.build_datamodule(saved, backbone)
+    datamodule = build.build_datamodule(saved, backbone)
     out_dir = Path(output)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []

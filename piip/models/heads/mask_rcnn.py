@@ -1,0 +1,180 @@
+"""Mask R-CNN after the backbone, from torchvision parts: FPN neck, RPN and RoI heads (PAPER.md §1.7, §3.3).
+
+The defaults are mmdet 2.x `mask_rcnn_r50_fpn` 1x, which every released PIIP detection config uses. Two
+differences from torchvision's own `maskrcnn_resnet50_fpn`: at most 1000 proposals per image after the
+RPN's NMS in training (torchvision keeps 2000), and the backbone is not a submodule here — the caller
+passes it to `forward`, so a LightningModule owns one copy of it under one name for every task (layer-wise
+lr decay, EMA and checkpoint conversion all see `backbone.*`). Remaining differences (smooth-L1 instead of
+L1 box losses, RoIAlign `sampling_ratio=2` instead of adaptive) are torchvision's and are kept.
+
+Images arrive already resized (by the data pipeline, as in mmdet); `ImageBatcher` only normalises and pads
+them to a common size divisible by `size_divisible`, and `postprocess` maps predictions back to the
+stored image size (`orig_size` of each target) so they can be evaluated against the annotation file.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from piip.errors import ConfigError
+
+LEVELS = ("0", "1", "2", "3")  # strides 4, 8, 16, 32; the FPN adds "pool" (stride 64)
+
+
+@dataclass
+class MaskRCNNConfig:
+    """`task.module.detector` in the configs; image statistics are in 0–255 pixel units."""
+
+    fpn_channels: int = 256
+    image_mean: list[float] = field(default_factory=lambda: [127.5, 127.5, 127.5])
+    image_std: list[float] = field(default_factory=lambda: [127.5, 127.5, 127.5])
+    size_divisible: int = 32
+    anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])  # one per level
+    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    rpn_pre_nms_top_n_train: int = 2000
+    rpn_pre_nms_top_n_test: int = 1000
+    rpn_post_nms_top_n_train: int = 1000
+    rpn_post_nms_top_n_test: int = 1000
+    rpn_nms_thresh: float = 0.7
+    rpn_batch_size_per_image: int = 256
+    rpn_positive_fraction: float = 0.5
+    box_batch_size_per_image: int = 512
+    box_positive_fraction: float = 0.25
+    box_head_dim: int = 1024
+    mask_head_channels: int = 256
+    box_score_thresh: float = 0.05
+    box_nms_thresh: float = 0.5
+    box_detections_per_img: int = 100
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> MaskRCNNConfig:
+        data = dict(data or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(
+                f"task.module.detector: unknown field(s) {unknown}; expected some of {sorted(known)}"
+            )
+        config = cls(**data)
+        if len(config.anchor_sizes) != len(LEVELS) + 1:
+            raise ConfigError(
+                f"task.module.detector.anchor_sizes: expected {len(LEVELS) + 1} sizes (levels stride 4-64), "
+                f"got {config.anchor_sizes}"
+            )
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ImageBatcher(GeneralizedRCNNTransform):
+    """torchvision's detection transform without its resize: normalise, pad, remember each image's size."""
+
+    def __init__(self, mean: list[float], std: list[float], size_divisible: int) -> None:
+        super().__init__(
+            min_size=1, max_size=1, image_mean=mean, image_std=std, size_divisible=size_divisible
+        )
+
+    def resize(
+        self, image: torch.Tensor, target: dict[str, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        return image, target
+
+
+class PyramidNeck(nn.Module):
+    """torchvision's FPN over the backbone's 4-level pyramid, plus the stride-64 max-pool level."""
+
+    def __init__(self, in_channels: list[int], out_channels: int) -> None:
+        super().__init__()
+        self.fpn = FeaturePyramidNetwork(in_channels, out_channels, extra_blocks=LastLevelMaxPool())
+        self.out_channels = out_channels
+
+    def forward(self, pyramid: list[torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
+        return self.fpn(OrderedDict(zip(LEVELS, pyramid, strict=True)))
+
+
+class MaskRCNN(nn.Module):
+    """Everything of Mask R-CNN except the backbone; `num_classes` excludes the background."""
+
+    def __init__(self, pyramid_channels: list[int], num_classes: int, config: MaskRCNNConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.batcher = ImageBatcher(c.image_mean, c.image_std, c.size_divisible)
+        self.neck = PyramidNeck(pyramid_channels, c.fpn_channels)
+        anchors = AnchorGenerator(
+            tuple((s,) for s in c.anchor_sizes), (tuple(c.aspect_ratios),) * len(c.anchor_sizes)
+        )
+        self.rpn = RegionProposalNetwork(
+            anchors,
+            RPNHead(c.fpn_channels, anchors.num_anchors_per_location()[0]),
+            fg_iou_thresh=0.7,
+            bg_iou_thresh=0.3,
+            batch_size_per_image=c.rpn_batch_size_per_image,
+            positive_fraction=c.rpn_positive_fraction,
+            pre_nms_top_n={"training": c.rpn_pre_nms_top_n_train, "testing": c.rpn_pre_nms_top_n_test},
+            post_nms_top_n={"training": c.rpn_post_nms_top_n_train, "testing": c.rpn_post_nms_top_n_test},
+            nms_thresh=c.rpn_nms_thresh,
+        )
+        box_pool = MultiScaleRoIAlign(list(LEVELS), output_size=7, sampling_ratio=2)
+        mask_pool = MultiScaleRoIAlign(list(LEVELS), output_size=14, sampling_ratio=2)
+        self.roi_heads = RoIHeads(
+            box_roi_pool=box_pool,
+            box_head=TwoMLPHead(c.fpn_channels * 7 * 7, c.box_head_dim),
+            box_predictor=FastRCNNPredictor(c.box_head_dim, num_classes + 1),
+            fg_iou_thresh=0.5,
+            bg_iou_thresh=0.5,
+            batch_size_per_image=c.box_batch_size_per_image,
+            positive_fraction=c.box_positive_fraction,
+            bbox_reg_weights=None,
+            score_thresh=c.box_score_thresh,
+            nms_thresh=c.box_nms_thresh,
+            detections_per_img=c.box_detections_per_img,
+            mask_roi_pool=mask_pool,
+            mask_head=MaskRCNNHeads(c.fpn_channels, [c.mask_head_channels] * 4, dilation=1),
+            mask_predictor=MaskRCNNPredictor(c.mask_head_channels, c.mask_head_channels, num_classes + 1),
+        )
+
+    def forward(
+        self,
+        backbone: Callable[[torch.Tensor], list[torch.Tensor]],
+        images: list[torch.Tensor],
+        targets: list[dict[str, torch.Tensor]] | None = None,
+    ) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
+        """Losses in training; in eval, detections at each target's `orig_size` (else the input size).
+
+        `images` are float 0–255 tensors of any sizes; `backbone` maps the padded batch to the pyramid.
+        """
+        if self.training and targets is None:
+            raise ValueError("Mask R-CNN needs targets in training mode")
+        original = [
+            tuple(int(v) for v in t["orig_size"]) if t is not None and "orig_size" in t else image.shape[-2:]
+            for t, image in zip(targets or [None] * len(images), images, strict=True)
+        ]
+        targets = targets if self.training else None  # in evaluation they only carry orig_size
+        batch, targets = self.batcher(images, targets)
+        features = self.neck(backbone(batch.tensors))
+        proposals, rpn_losses = self.rpn(batch, features, targets)
+        detections, roi_losses = self.roi_heads(features, proposals, batch.image_sizes, targets)
+        if self.training:
+            return {**rpn_losses, **roi_losses}
+        return self.batcher.postprocess(detections, batch.image_sizes, [tuple(s) for s in original])
+
+    def pad(self, images: list[torch.Tensor]) -> ImageList:
+        """The normalised, padded batch the backbone sees (for counting and checks)."""
+        return self.batcher(images)[0]
