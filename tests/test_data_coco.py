@@ -171,7 +171,7 @@ def test_missing_image_names_the_file(coco_root):
 
 
 def test_the_embedded_coco_data_loads_with_every_instance(tmp_path):
-    from piip.data.synthetic.shapes import COCO_CATEGORY_IDS, write_coco_layout
+    from piip.data.synthetic.coco import COCO_CATEGORY_IDS, write_coco_layout
 
     root = write_coco_layout(tmp_path / "coco", train_images=6, val_images=3, image_size=64, seed=0)
     train = CocoInstances(root / "train2017", root / "annotations" / "instances_train2017.json", train=True)

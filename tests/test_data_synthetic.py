@@ -11,28 +11,18 @@ import logging
 import shutil
 import threading
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from piip.data.synthetic.shapes import (
-    GENERATOR_VERSION,
-    MANIFEST_NAME,
-    SHAPE_CLASSES,
-    Background,
-    Scene,
-    ShapeInstance,
-    ensure_imagenet_layout,
-    imagenet_scene,
-    instance_boxes,
-    render_image,
-    render_instance_masks,
-    render_semantic,
-    sample_scene,
-    write_imagenet_layout,
-)
-from piip.data.synthetic import shapes as synthetic
+from piip.data.synthetic import imagenet as synthetic_imagenet
+from piip.data.synthetic.imagenet import ensure_imagenet_layout, imagenet_scene, write_imagenet_layout
+from piip.data.synthetic.publish import MANIFEST_NAME
+from piip.data.synthetic.render import instance_boxes, render_image, render_instance_masks, render_semantic
+from piip.data.synthetic.sampling import sample_scene
+from piip.data.synthetic.scene import GENERATOR_VERSION, SHAPE_CLASSES, Background, Scene, ShapeInstance
 
 SMALL = dict(train_per_class=3, val_per_class=2, image_size=32, seed=0)
 
@@ -242,16 +232,17 @@ def test_image_folder_reads_the_layout(tmp_path: Path) -> None:
 
 
 def test_generation_logs_one_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger=synthetic.__name__):
+    with caplog.at_level(logging.INFO, logger=synthetic_imagenet.__name__):
         root = write_imagenet_layout(tmp_path / "shapes", **SMALL)
-    lines = [r.getMessage() for r in caplog.records if r.name == synthetic.__name__]
+    lines = [r.getMessage() for r in caplog.records if r.name == synthetic_imagenet.__name__]
     assert len(lines) == 1
     assert str(root) in lines[0] and "24 train + 16 val" in lines[0] and " s" in lines[0]
 
 
-def crash_render_after(monkeypatch: pytest.MonkeyPatch, images: int) -> list[int]:
-    """Make rendering fail after `images` images; returns a one-item list counting the render calls."""
-    real_render = synthetic.render_image
+def crash_render_after(monkeypatch: pytest.MonkeyPatch, images: int, writer: ModuleType) -> list[int]:
+    """Make rendering in the format module `writer` fail after `images` images (patched where `writer`
+    looks `render_image` up); returns a one-item list counting the render calls."""
+    real_render = writer.render_image
     calls = [0]
 
     def failing_render(scene: Scene) -> Image.Image:
@@ -260,20 +251,20 @@ def crash_render_after(monkeypatch: pytest.MonkeyPatch, images: int) -> list[int
             raise RuntimeError("simulated crash")
         return real_render(scene)
 
-    monkeypatch.setattr(synthetic, "render_image", failing_render)
+    monkeypatch.setattr(writer, "render_image", failing_render)
     return calls
 
 
 def test_interrupted_generation_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_render = synthetic.render_image
-    calls = crash_render_after(monkeypatch, 10)
+    real_render = synthetic_imagenet.render_image
+    calls = crash_render_after(monkeypatch, 10, synthetic_imagenet)
     root = tmp_path / "shapes"
     with pytest.raises(RuntimeError, match="simulated crash"):
         ensure_imagenet_layout(root, **SMALL)
     assert calls == [11]
     assert list(tmp_path.iterdir()) == [], "neither root nor a temp dir may remain"
 
-    monkeypatch.setattr(synthetic, "render_image", real_render)
+    monkeypatch.setattr(synthetic_imagenet, "render_image", real_render)
     assert ensure_imagenet_layout(root, **SMALL) == root
     assert list(tmp_path.iterdir()) == [root]
 
@@ -288,7 +279,7 @@ def test_ensure_generates_then_reuses_without_rendering(
     def no_render(scene: Scene) -> Image.Image:
         raise AssertionError("reuse must not render")
 
-    monkeypatch.setattr(synthetic, "render_image", no_render)
+    monkeypatch.setattr(synthetic_imagenet, "render_image", no_render)
     assert ensure_imagenet_layout(root, **SMALL) == root
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == before
     assert list(tmp_path.iterdir()) == [root]
@@ -318,7 +309,7 @@ def test_ensure_rejects_data_from_another_generator_version(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     root = ensure_imagenet_layout(tmp_path / "shapes", **SMALL)
-    monkeypatch.setattr(synthetic, "GENERATOR_VERSION", GENERATOR_VERSION + 1)
+    monkeypatch.setattr(synthetic_imagenet, "GENERATOR_VERSION", GENERATOR_VERSION + 1)
     with pytest.raises(ValueError, match="version"):
         ensure_imagenet_layout(root, **SMALL)
 
@@ -360,14 +351,14 @@ def test_invalid_arguments_are_rejected(tmp_path: Path, field: str, value: objec
 
 def publish_while_generating(monkeypatch: pytest.MonkeyPatch, reference: Path, root: Path) -> None:
     """Simulate another rank: `reference` appears at `root` while this process renders its images."""
-    real_render = synthetic.render_image
+    real_render = synthetic_imagenet.render_image
 
     def render_while_other_rank_finishes(scene: Scene) -> Image.Image:
         if not root.exists():
             shutil.copytree(reference, root)
         return real_render(scene)
 
-    monkeypatch.setattr(synthetic, "render_image", render_while_other_rank_finishes)
+    monkeypatch.setattr(synthetic_imagenet, "render_image", render_while_other_rank_finishes)
 
 
 def test_concurrent_writer_that_wins_the_rename_is_reused(

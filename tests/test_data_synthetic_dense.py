@@ -4,27 +4,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from piip.data.synthetic.shapes import (
-    ADE20K_DIR,
-    MANIFEST_NAME,
-    SHAPE_CLASSES,
-    Scene,
-    ade20k_scene,
-    coco_scene,
-    ensure_ade20k_layout,
-    ensure_coco_layout,
-    render_instance_masks,
-    render_semantic,
-    write_ade20k_layout,
-    write_coco_layout,
-)
-from piip.data.synthetic import shapes as synthetic
+from piip.data.synthetic import ade20k as synthetic_ade20k
+from piip.data.synthetic import coco as synthetic_coco
+from piip.data.synthetic.ade20k import ADE20K_DIR, ade20k_scene, ensure_ade20k_layout, write_ade20k_layout
+from piip.data.synthetic.coco import coco_scene, ensure_coco_layout, write_coco_layout
+from piip.data.synthetic.publish import MANIFEST_NAME
+from piip.data.synthetic.render import render_instance_masks, render_semantic
+from piip.data.synthetic.scene import SHAPE_CLASSES, Scene
 from tests.test_data_synthetic import crash_render_after
 
 COCO_ARGS = {
@@ -137,7 +130,7 @@ def test_coco_manifest_reuse_and_mismatch(coco_root: Path, monkeypatch: pytest.M
     def no_render(scene: Scene) -> Image.Image:
         raise AssertionError("a matching directory must be reused without rendering")
 
-    monkeypatch.setattr(synthetic, "render_image", no_render)
+    monkeypatch.setattr(synthetic_coco, "render_image", no_render)
     assert ensure_coco_layout(coco_root, **COCO_ARGS) == coco_root
     with pytest.raises(ValueError, match=r"crowd_every: existing 3, requested 5") as error:
         ensure_coco_layout(coco_root, **{**COCO_ARGS, "crowd_every": 5})
@@ -154,20 +147,20 @@ def test_ensure_detects_a_missing_coco_image(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("ensure", "args"),
-    [(ensure_coco_layout, COCO_ARGS), (ensure_ade20k_layout, ADE_ARGS)],
+    ("ensure", "args", "writer"),
+    [(ensure_coco_layout, COCO_ARGS, synthetic_coco), (ensure_ade20k_layout, ADE_ARGS, synthetic_ade20k)],
     ids=["coco", "ade"],
 )
 def test_interrupted_generation_leaves_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ensure: object, args: dict[str, int]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ensure: object, args: dict[str, int], writer: ModuleType
 ) -> None:
-    real_render = synthetic.render_image
-    crash_render_after(monkeypatch, 7)
+    real_render = writer.render_image
+    crash_render_after(monkeypatch, 7, writer)
     root = tmp_path / "data"
     with pytest.raises(RuntimeError, match="simulated crash"):
         ensure(root, **args)  # type: ignore[operator]
     assert list(tmp_path.iterdir()) == [], "neither root nor a temp dir may remain"
-    monkeypatch.setattr(synthetic, "render_image", real_render)
+    monkeypatch.setattr(writer, "render_image", real_render)
     assert ensure(root, **args) == root  # type: ignore[operator]
     assert list(tmp_path.iterdir()) == [root]
 

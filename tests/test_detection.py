@@ -43,7 +43,7 @@ def tiny_task(**detector: object) -> DetectionTask:
 
 @pytest.fixture(scope="module")
 def coco_split(tmp_path_factory: pytest.TempPathFactory) -> CocoInstances:
-    from piip.data.synthetic.shapes import write_coco_layout
+    from piip.data.synthetic.coco import write_coco_layout
 
     root = write_coco_layout(
         tmp_path_factory.mktemp("coco"), train_images=2, val_images=10, image_size=96, seed=3

@@ -19,7 +19,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from piip.data.synthetic.shapes import SHAPE_CLASSES
+from piip.data.synthetic.scene import SHAPE_CLASSES
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"

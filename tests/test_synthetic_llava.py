@@ -16,22 +16,20 @@ import torch
 from PIL import Image
 
 from piip.data.llava.conversation import IMAGE_PLACEHOLDER, Conversation, template_texts
+from piip.data.synthetic import llava as synthetic_llava
 from piip.data.synthetic.language_model import normalise, tokenizer_words, write_tiny_language_model
 from piip.data.synthetic.llava import (
     EVAL_PROMPTS,
     MMBENCH_COLUMNS,
-    PALETTE,
-    QUESTION_TYPES,
     ensure_llava_layout,
-    llava_scene,
     majority_baseline,
-    question_type,
-    scene_facts,
-    split_prompt,
     write_llava_layout,
 )
-from piip.data.synthetic.shapes import MANIFEST_NAME, SHAPE_CLASSES, render_image, render_instance_masks
-from piip.data.synthetic import llava as synthetic_llava
+from piip.data.synthetic.llava_questions import QUESTION_TYPES, question_type, split_prompt
+from piip.data.synthetic.llava_scenes import PALETTE, llava_scene, scene_facts
+from piip.data.synthetic.publish import MANIFEST_NAME
+from piip.data.synthetic.render import render_image, render_instance_masks
+from piip.data.synthetic.scene import SHAPE_CLASSES
 from piip.evaluation.mmbench import MMBENCH_INSTRUCTION, OPTION_LETTERS, Round, mmbench_prompt
 from piip.evaluation.textvqa import textvqa_prompt
 
