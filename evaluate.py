@@ -36,6 +36,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         module.ema = None
     module.predictions_prefix = ckpt_path.with_suffix("")  # e.g. best_bbox.json for COCO
     datamodule = build.build_datamodule(saved, backbone)
+    build.connect(module, datamodule)
     trainer = build.build_trainer(cfg, build.build_all(cfg, "callbacks"), build.build_all(cfg, "logger"))
     metrics = results.scalars(trainer.validate(module, datamodule=datamodule)[0])
 

@@ -40,6 +40,7 @@ def fit_and_test(cfg: DictConfig, init_from: Path | None = None) -> dict | None:
     ckpt_path = checkpoints.resume_path(cfg, run_dir)
     fresh = ckpt_path is None and init_from is None
     module = build.build_task(cfg, backbone, load_pretrained=cfg.load_pretrained and fresh)
+    build.connect(module, datamodule)
     if ckpt_path is not None:
         checkpoints.check_resume(ckpt_path, module)
     elif init_from is not None:

@@ -33,53 +33,17 @@ def coco_root(tmp_path: Path) -> Path:
         Image.new("RGB", (W, H), (10 * i, 0, 0)).save(tmp_path / "val2017" / f"{i:012d}.jpg")
     compressed = mask_utils.encode(np.asfortranarray(square_mask(20, 2, 6)))
     uncompressed = {"size": [H, W], "counts": [int(v) for v in [2 * H + 4, 4, H - 4, 4, H * (W - 4) - 8]]}
-    annotations = [
-        {
-            "id": 1,
-            "image_id": 1,
-            "category_id": 3,
-            "bbox": [2, 2, 4, 4],
-            "area": 16,
-            "iscrowd": 0,
-            "segmentation": [[2, 2, 6, 2, 6, 6, 2, 6]],
-        },
-        {
-            "id": 2,
-            "image_id": 1,
-            "category_id": 7,
-            "bbox": [20, 2, 6, 6],
-            "area": 36,
-            "iscrowd": 0,
-            "segmentation": {"size": [H, W], "counts": compressed["counts"].decode()},
-        },
-        {
-            "id": 3,
-            "image_id": 1,
-            "category_id": 3,
-            "bbox": [2, 4, 2, 4],
-            "area": 16,
-            "iscrowd": 0,
-            "segmentation": uncompressed,
-        },
-        {
-            "id": 4,
-            "image_id": 1,
-            "category_id": 7,
-            "bbox": [10, 10, 5, 5],
-            "area": 25,
-            "iscrowd": 1,
-            "segmentation": {"size": [H, W], "counts": compressed["counts"].decode()},
-        },
-        {
-            "id": 5,
-            "image_id": 3,
-            "category_id": 3,
-            "bbox": [5, 5, 0, 3],
-            "area": 0,
-            "iscrowd": 0,
-            "segmentation": [[5, 5, 5, 8, 5, 8]],
-        },
+    rle = {"size": [H, W], "counts": compressed["counts"].decode()}
+    # (image id, category id, bbox, area, iscrowd, segmentation), annotation ids 1..5
+    fields = [
+        (1, 3, [2, 2, 4, 4], 16, 0, [[2, 2, 6, 2, 6, 6, 2, 6]]),
+        (1, 7, [20, 2, 6, 6], 36, 0, rle),
+        (1, 3, [2, 4, 2, 4], 16, 0, uncompressed),
+        (1, 7, [10, 10, 5, 5], 25, 1, rle),
+        (3, 3, [5, 5, 0, 3], 0, 0, [[5, 5, 5, 8, 5, 8]]),
     ]
+    keys = ("image_id", "category_id", "bbox", "area", "iscrowd", "segmentation")
+    annotations = [{"id": i, **dict(zip(keys, row, strict=True))} for i, row in enumerate(fields, start=1)]
     dataset = {
         "images": [{"id": i, "file_name": f"{i:012d}.jpg", "height": H, "width": W} for i in (1, 2, 3)],
         "annotations": annotations,

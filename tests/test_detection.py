@@ -57,7 +57,7 @@ def test_pyramid_has_exact_strides_of_the_padded_batch_and_training_gives_every_
     images = [torch.rand(3, 128, 100) * 255, torch.rand(3, 90, 128) * 255]
     padded = task.detector.pad(images).tensors
     assert tuple(padded.shape[-2:]) == (128, 128)  # both sides padded up to a multiple of 64
-    levels = task.detector.neck(task.pyramid(padded))
+    levels = task.detector.neck(task.detector.backbone(padded).pyramid)
     assert [tuple(f.shape[-2:]) for f in levels.values()] == [(32, 32), (16, 16), (8, 8), (4, 4), (2, 2)]
     targets = [
         {"boxes": torch.tensor([[10.0, 20.0, 60.0, 90.0]]), "labels": torch.tensor([3]),

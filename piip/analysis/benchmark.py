@@ -17,7 +17,7 @@ import torch
 from piip.analysis.flops import measure
 from piip.models.backbone.backbone import PIIPBackbone
 from piip.models.backbone.config import PIIPConfig
-from piip.run.build import configure_cpu_math
+from piip.models.numerics import configure_cpu_math
 
 MODES = ("forward", "train")
 

@@ -33,6 +33,8 @@ def load_rgb(path: str) -> Image.Image:
 
 
 class ResumableDataModule(L.LightningDataModule):
+    """Resumable loaders for every format, and the defaults of the `TaskData` contract."""
+
     collate_fn: Callable[[list[Any]], Any] | None = None  # None: torch's default collation
 
     def __init__(
@@ -60,9 +62,22 @@ class ResumableDataModule(L.LightningDataModule):
     def val_dataset(self) -> Dataset:
         raise NotImplementedError
 
+    # -- what the task learns from its data (piip.tasks.data.TaskData); formats override what they have ----
+    root: Path | None = None
+    num_classes: int | None = None
+    class_names: list[str] | None = None
+    category_ids: list[int] | None = None
+    question_source: Any = None
+
+    def ground_truth(self) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} has no detection ground truth")
+
     def prediction_input(self, path: str | Path) -> tuple[Any, Any]:
         """A user's image file as validation would see it, with the target its task needs to draw."""
         raise NotImplementedError(f"{type(self).__name__} does not prepare single images for prediction")
+
+    def fit_to_task(self, **needs: Any) -> None:
+        """What the task's model fixes about the data (`PIIPTask.data_needs`); nothing, for most formats."""
 
     # -- loaders ------------------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:

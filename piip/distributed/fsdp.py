@@ -2,7 +2,8 @@
 
 `trainer=fsdp` selects `FSDP2Strategy`, a Lightning `ModelParallelStrategy` that shards over all processes
 (pure data parallelism; no tensor parallelism) and lets the task say which modules are blocks
-(`PIIPTask.shard_units`). Mixed precision is FSDP2's own policy: fp32 master weights sharded across ranks,
+(`PIIPTask.shard_units`); the task asks for it from `configure_model` through `shard_task`, without
+knowing this class. Mixed precision is FSDP2's own policy: fp32 master weights sharded across ranks,
 bf16 copies gathered for compute and communication, gradients reduced in fp32, while ops run under
 Lightning's bf16 autocast (`precision: bf16-mixed`) exactly as under DDP: the deformable interaction, RoI
 ops and losses keep their fp32 math, and BatchNorm layers keep fp32 parameters (units of their own).
@@ -18,7 +19,7 @@ import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from piip.errors import ConfigError
@@ -80,6 +81,17 @@ class FSDP2Strategy(ModelParallelStrategy):
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes  # every rank holds a shard
         super().setup_environment()
+
+    def shard_task(self, task: nn.Module) -> None:
+        """Shard a task once (Lightning calls `configure_model` for fit and again for test): its
+        `shard_units()` one by one, then its other children; then register the extra entry points its
+        sharded units need (`sharded_forward_methods()`: name -> (unit, function))."""
+        if any(isinstance(m, FSDPModule) for m in task.modules()):
+            return
+        self.shard(task, task.shard_units())
+        for name, (unit, function) in task.sharded_forward_methods().items():
+            if isinstance(unit, FSDPModule) and not hasattr(unit, name):
+                add_forward_method(unit, name, function)
 
     def shard(self, root: nn.Module, units: Iterable[nn.Module]) -> None:
         """`fully_shard` each unit, then every remaining top-level child of `root` (embeddings, heads).

@@ -9,10 +9,9 @@ from piip.models.backbone import (
     PIIPOutput,
     WindowConfig,
 )
-from piip.models.branches import BRANCH_FAMILIES, Branch, BranchState, build_branch
+from piip.models.branches import Branch, BranchState, build_branch, known_families
 
 __all__ = [
-    "BRANCH_FAMILIES",
     "Branch",
     "BranchSpec",
     "BranchState",
@@ -22,4 +21,5 @@ __all__ = [
     "PIIPOutput",
     "WindowConfig",
     "build_branch",
+    "known_families",
 ]

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
@@ -16,8 +15,10 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, open_dict
 
 from piip.errors import ConfigError
+from piip.models.numerics import configure_cpu_math  # noqa: F401 - the entry points call it first
 from piip.run.config import plain
 from piip.tasks.base import PIIPTask
+from piip.tasks.data import TaskData
 
 log = logging.getLogger(__name__)
 
@@ -25,15 +26,6 @@ log = logging.getLogger(__name__)
 def run_config(cfg: DictConfig) -> dict[str, Any]:
     """The resolved run config without Hydra's own section: what a checkpoint stores about itself."""
     return {k: plain(cfg[k]) for k in cfg if k != "hydra"}
-
-
-def configure_cpu_math() -> None:
-    """Flush subnormal floats to zero on CPU, before any thread pool starts (threads inherit the flag).
-
-    Zero-initialised gammas and near-zero deformable offsets produce subnormals early in training, which
-    x86 CPUs process ~100x slower: piip_tiny steps measured 4-5 s instead of 33 ms. No effect on GPU math.
-    """
-    torch.set_flush_denormal(True)
 
 
 def build_datamodule(cfg: DictConfig, backbone: dict[str, Any]) -> L.LightningDataModule:
@@ -64,6 +56,13 @@ def build_task(cfg: DictConfig, backbone: dict[str, Any], load_pretrained: bool)
         run_config=run_config(cfg),
         **kwargs,
     )
+
+
+def connect(task: PIIPTask, data: TaskData) -> None:
+    """Introduce a task and its data before fit/validate/test: the data takes what the model fixes about it
+    (`data_needs`, e.g. tokens per image), then the task keeps the data (`TaskData`) for evaluation."""
+    data.fit_to_task(**task.data_needs())
+    task.attach_data(data)
 
 
 def build_all(cfg: DictConfig, key: str) -> list[Any]:

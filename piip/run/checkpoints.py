@@ -1,5 +1,5 @@
-"""Reading piip's Lightning checkpoints (one file, or the sharded folder of `trainer=fsdp`), checking that they
-fit a model, resuming, and rebuilding a trained module from a checkpoint alone."""
+"""Reading piip's Lightning checkpoints (one file, or the sharded folder of `trainer=fsdp`), checking that
+they fit a model, resuming, and rebuilding a trained module from a checkpoint alone."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""What every PIIP LightningModule shares: the backbone, AdamW with layer-wise decay, schedule, EMA, guards.
+"""What every PIIP LightningModule shares: the backbone, AdamW with layer-wise decay, schedule, guards, and
+the data it is attached to (`TaskData`).
 
 Hyper-parameters are plain data (dicts of the resolved config), so checkpoints load with
 `torch.load(..., weights_only=True)` and `evaluate.py` can rebuild the model from the checkpoint alone.
@@ -9,19 +10,17 @@ from __future__ import annotations
 import copy
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import numpy as np
 import torch
 import torch.distributed as dist
-from timm.utils import ModelEmaV3
 from torch import nn
-from torch.distributed.fsdp import FSDPModule
 
-from piip.distributed.fsdp import FSDP2Strategy
 from piip.errors import ConfigError
 from piip.models import PIIPBackbone, PIIPConfig
+from piip.tasks.data import TaskData
 from piip.tasks.optim import OptimConfig, build_optimizer, build_scheduler, parameter_groups
 
 log = logging.getLogger(__name__)
@@ -35,8 +34,17 @@ class PIIPTask(L.LightningModule):
     """Base class; subclasses add heads, `training_step` and evaluation.
 
     `run_config` is the whole resolved run config (model, task, data, trainer), stored in the checkpoint
-    so a checkpoint describes itself; it is not used for building.
+    so a checkpoint describes itself; it is not used for building. Subclasses declare the backbone settings
+    they need (`requires=` in the class statement), checked here before anything is built.
     """
+
+    backbone_requirements: ClassVar[dict[str, Any]] = {}  # `class X(PIIPTask, requires={"head": "pyramid"})`
+    keeps_ema: ClassVar[bool] = False  # whether `task.optim.ema_decay` is supported
+
+    def __init_subclass__(cls, requires: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if requires is not None:
+            cls.backbone_requirements = dict(requires)
 
     def __init__(
         self,
@@ -46,10 +54,16 @@ class PIIPTask(L.LightningModule):
         grad_checkpointing: bool = False,
         run_config: dict[str, Any] | None = None,
     ) -> None:
+        self.check_backbone(backbone)
         super().__init__()
         self.save_hyperparameters()
         self.backbone = PIIPBackbone(PIIPConfig.from_dict(copy.deepcopy(backbone)))
         self.optim_config = OptimConfig.from_dict(optim)
+        if self.optim_config.ema_decay and not self.keeps_ema:
+            raise ConfigError(
+                f"task.optim.ema_decay: {type(self).__name__} keeps no EMA of its weights (an EMA of the "
+                "backbone alone would not match the heads it is evaluated with); set it to null"
+            )
         if load_pretrained:
             for name, report in self.backbone.load_pretrained().items():
                 log.info("branch %s: loaded %s (%d missing keys)", name, report.path, len(report.missing))
@@ -64,27 +78,50 @@ class PIIPTask(L.LightningModule):
         # write `<prefix>_<kind>.json` there
         self.predictions_prefix: Path | None = None
         self.class_names: list[str] | None = None  # as a loaded checkpoint kept them (see known_class_names)
-        self.ema: ModelEmaV3 | None = None
-        if self.optim_config.ema_decay:
-            self.ema = ModelEmaV3(self.backbone, decay=self.optim_config.ema_decay)
-            self.ema.requires_grad_(False)
+        self.data: TaskData | None = None
+
+    @classmethod
+    def check_backbone(cls, backbone: dict[str, Any]) -> None:
+        """Refuse backbone settings this task cannot use, naming the key to set."""
+        for key, needed in cls.backbone_requirements.items():
+            if backbone.get(key) != needed:
+                raise ConfigError(
+                    f"task.backbone.{key}: {cls.__name__} needs {needed!r}, got {backbone.get(key)!r}"
+                )
+
+    # -- data ---------------------------------------------------------------------------------------------
+    def data_needs(self) -> dict[str, Any]:
+        """What the data must know of this model (`TaskData.fit_to_task`), e.g. tokens per image."""
+        return {}
+
+    def attach_data(self, data: TaskData) -> None:
+        """The data this task trains and evaluates on (the run layer calls this before fit/validate/test)."""
+        self.data = data
+
+    def attached_data(self) -> TaskData:
+        if self.data is None:
+            raise RuntimeError(
+                f"{type(self).__name__} has no data attached: call piip.run.build.connect(task, datamodule) "
+                "before trainer.fit/validate/test (train.py and evaluate.py do)"
+            )
+        return self.data
 
     # -- parallelism --------------------------------------------------------------------------------------
     def shard_units(self) -> list[nn.Module]:
         """The blocks FSDP shards one by one; tasks with more than a backbone add theirs."""
         return self.backbone.shard_units()
 
+    def sharded_forward_methods(self) -> dict[str, tuple[nn.Module, Any]]:
+        """Entry points other than `forward` that sharded units need (name -> (unit, function))."""
+        return {}
+
     def configure_model(self) -> None:
-        """Lightning calls this before the optimizer exists (for fit and again for test): shard under FSDP."""
+        """Lightning calls this before the optimizer exists (for fit and again for test). A strategy that
+        shards the model (`piip.distributed.fsdp`) offers `shard_task` and does it from `shard_units`."""
         strategy = self._trainer.strategy if self._trainer is not None else None
-        if not isinstance(strategy, FSDP2Strategy) or isinstance(self.backbone, FSDPModule):
-            return
-        if self.ema is not None:
-            raise ConfigError(
-                "trainer=fsdp: task.optim.ema_decay is set, but the EMA copy of the backbone is not sharded; "
-                "set task.optim.ema_decay=null or train with trainer=ddp"
-            )
-        strategy.shard(self, self.shard_units())
+        shard_task = getattr(strategy, "shard_task", None)
+        if shard_task is not None:
+            shard_task(self)
 
     # -- optimisation -------------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
@@ -115,15 +152,10 @@ class PIIPTask(L.LightningModule):
         if clip:
             self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
 
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        super().optimizer_step(*args, **kwargs)
-        if self.ema is not None:
-            self.ema.update(self.backbone, step=self.global_step)
-
     def check_num_classes(self, built_for: int, field: str) -> None:
         """Refuse data whose class count differs from the model's, naming the config field to set."""
-        data = self.trainer.datamodule if self._trainer is not None else None
-        found = getattr(data, "num_classes", None)
+        data = self.data
+        found = data.num_classes if data is not None else None
         if found is not None and found != built_for:
             raise ConfigError(
                 f"the dataset at {getattr(data, 'root', '?')} has {found} classes but the model is built for "
@@ -162,8 +194,7 @@ class PIIPTask(L.LightningModule):
     @property
     def known_class_names(self) -> list[str] | None:
         """The attached data's class names, else those the loaded checkpoint kept."""
-        data = self._trainer.datamodule if self._trainer is not None else None
-        return getattr(data, "class_names", None) or self.class_names
+        return (self.data.class_names if self.data is not None else None) or self.class_names
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.known_class_names:
@@ -172,12 +203,14 @@ class PIIPTask(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.class_names = checkpoint.get("class_names", self.class_names)
 
-    def evaluation_models(self) -> dict[str, nn.Module]:
-        """Models evaluated at validation/test: the trained weights and, when kept, their EMA."""
-        models: dict[str, nn.Module] = {"": self.backbone}
-        if self.ema is not None:
-            models["ema"] = self.ema.module
-        return models
+    # -- memory estimate ----------------------------------------------------------------------------------
+    def probe_loss(self, images: torch.Tensor) -> torch.Tensor:
+        """Backbone only.
+
+        A loss through every output the task trains whose cost does not depend on the data, for
+        `piip.analysis.memory` to count what one training step saves for backward. Overrides start their
+        docstring with what they run (the memory report quotes that line)."""
+        return backbone_probe_loss(self.backbone(images))
 
 
 class ValidationHooksForTest:
@@ -193,3 +226,11 @@ class ValidationHooksForTest:
 
     def on_test_epoch_end(self) -> None:
         self.on_validation_epoch_end()
+
+
+def backbone_probe_loss(out: Any) -> torch.Tensor:
+    """Reads every output of a `PIIPOutput`: the pyramid, else the merged map, else every branch map; and
+    the logits."""
+    tensors = out.pyramid or ([out.features] if out.features is not None else out.branch_maps)
+    tensors = [*tensors, *([out.logits] if out.logits is not None else [])]
+    return sum(t.float().mean() for t in tensors)

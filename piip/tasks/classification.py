@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3
 from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
@@ -16,12 +17,15 @@ from piip.errors import ConfigError
 from piip.tasks.base import PIIPTask
 
 
-class ClassificationTask(PIIPTask):
+class ClassificationTask(PIIPTask, requires={"head": "classification"}):
     """Mixup/CutMix with soft targets and label smoothing in training; top-1/top-5 at evaluation.
 
     `mixup` takes timm `Mixup` arguments (mixup_alpha, cutmix_alpha, prob, switch_prob, mode); with both
-    alphas 0 it is off and training uses cross-entropy with `label_smoothing`.
+    alphas 0 it is off and training uses cross-entropy with `label_smoothing`. With `task.optim.ema_decay`
+    an EMA of the backbone (which holds the classifier) is kept and evaluated beside the weights (`*_ema/`).
     """
+
+    keeps_ema = True
 
     def __init__(
         self,
@@ -37,11 +41,11 @@ class ClassificationTask(PIIPTask):
                 f"task.module.num_classes ({num_classes}) differs from the model's num_classes "
                 f"({backbone.get('num_classes')}); set task.backbone.num_classes"
             )
-        if backbone.get("head") != "classification":
-            raise ConfigError(
-                f"task.backbone.head: classification needs 'classification', got {backbone.get('head')!r}"
-            )
         super().__init__(backbone, optim, **base)
+        self.ema: ModelEmaV3 | None = None
+        if self.optim_config.ema_decay:
+            self.ema = ModelEmaV3(self.backbone, decay=self.optim_config.ema_decay)
+            self.ema.requires_grad_(False)
         mixup = dict(mixup or {})
         self.mixup: Mixup | None = None
         if mixup.get("mixup_alpha", 0) > 0 or mixup.get("cutmix_alpha", 0) > 0:
@@ -63,6 +67,31 @@ class ClassificationTask(PIIPTask):
 
     def setup(self, stage: str) -> None:
         self.check_num_classes(self.hparams.num_classes, "task.backbone.num_classes")
+
+    def configure_model(self) -> None:
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if self.ema is not None and hasattr(strategy, "shard_task"):
+            raise ConfigError(
+                "trainer=fsdp: task.optim.ema_decay is set, but the EMA copy of the backbone is not sharded; "
+                "set task.optim.ema_decay=null or train with trainer=ddp"
+            )
+        super().configure_model()
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:
+            self.ema.update(self.backbone, step=self.global_step)
+
+    def evaluation_models(self) -> dict[str, nn.Module]:
+        """Models evaluated at validation/test: the trained weights and, when kept, their EMA."""
+        models: dict[str, nn.Module] = {"": self.backbone}
+        if self.ema is not None:
+            models["ema"] = self.ema.module
+        return models
+
+    def probe_loss(self, images: torch.Tensor) -> torch.Tensor:
+        """Backbone with its classifier (the loss itself costs nothing to speak of)."""
+        return self.backbone(images).logits.float().mean()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images).logits

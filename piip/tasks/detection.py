@@ -16,9 +16,8 @@ import torch
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from piip.data.files import write_json
-from piip.errors import ConfigError
 from piip.evaluation import coco as coco_metrics
-from piip.models.heads.mask_rcnn import MaskRCNN, MaskRCNNConfig
+from piip.models.heads.detector import build_detector
 from piip.tasks.base import PIIPTask, ValidationHooksForTest
 from piip.tasks.visualise import log_images
 
@@ -27,8 +26,9 @@ log = logging.getLogger(__name__)
 Batch = tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]
 
 
-class DetectionTask(ValidationHooksForTest, PIIPTask):
-    """`detector` holds `MaskRCNNConfig` fields; `num_classes` counts object classes (no background)."""
+class DetectionTask(ValidationHooksForTest, PIIPTask, requires={"head": "pyramid"}):
+    """`detector`: `name` selects the detector (default `mask_rcnn`, see `piip.models.heads.detector`), the
+    other fields are its config; `num_classes` counts object classes (no background)."""
 
     def __init__(
         self,
@@ -40,16 +40,8 @@ class DetectionTask(ValidationHooksForTest, PIIPTask):
         score_to_draw: float = 0.5,
         **base: Any,
     ) -> None:
-        if backbone.get("head") != "pyramid":
-            raise ConfigError(f"task.backbone.head: detection needs 'pyramid', got {backbone.get('head')!r}")
         super().__init__(backbone, optim, **base)
-        if self.optim_config.ema_decay:
-            raise ConfigError(
-                "task.optim.ema_decay: EMA covers the backbone only; detection configs set it null"
-            )
-        config = MaskRCNNConfig.from_dict(detector)
-        check_size_divisible(self.backbone, config.size_divisible)
-        self.detector = MaskRCNN(self.backbone.pyramid.out_channels, num_classes, config)
+        self.detector = build_detector(self.backbone, num_classes, detector)
         self.num_classes = num_classes
         self.num_visualised = num_visualised
         self.score_to_draw = score_to_draw
@@ -59,12 +51,13 @@ class DetectionTask(ValidationHooksForTest, PIIPTask):
     def setup(self, stage: str) -> None:
         self.check_num_classes(self.num_classes, "task.module.num_classes")
 
-    def pyramid(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return self.backbone(images).pyramid
+    def probe_loss(self, images: torch.Tensor) -> torch.Tensor:
+        """Backbone and the detector's heads at their largest training load (see the detector's)."""
+        return self.detector.probe_loss(self.backbone(images).pyramid, images.shape[0])
 
     def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None) -> Any:
         """Float 0–255 images (any sizes); losses in training, detections at `orig_size` otherwise."""
-        return self.detector(self.pyramid, images, targets)
+        return self.detector(images, targets)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         images, targets = batch
@@ -83,7 +76,7 @@ class DetectionTask(ValidationHooksForTest, PIIPTask):
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         images, targets = batch
         detections = self([image.float() for image in images], targets)
-        category_ids = self.trainer.datamodule.category_ids
+        category_ids = self.attached_data().category_ids
         for detection, target in zip(detections, targets, strict=True):
             image_id = int(target["image_id"])
             bbox, segm = coco_metrics.results_entries(detection, image_id, category_ids)
@@ -98,7 +91,7 @@ class DetectionTask(ValidationHooksForTest, PIIPTask):
         entries = {kind: [e for i in image_ids for e in found[i][kind]] for kind in coco_metrics.IOU_TYPES}
         metrics: dict[str, float] = {}
         if self.trainer.is_global_zero:
-            ground_truth = self.trainer.datamodule.ground_truth()
+            ground_truth = self.attached_data().ground_truth()
             for iou_type, kind_entries in entries.items():
                 scores = coco_metrics.evaluate(ground_truth, kind_entries, iou_type, image_ids)
                 metrics.update({f"{iou_type}_{name}": value for name, value in scores.items()})
@@ -156,19 +149,3 @@ class DetectionTask(ValidationHooksForTest, PIIPTask):
                 picture = draw_bounding_boxes(picture, boxes, captions, width=2)
             pictures.append(picture.permute(1, 2, 0).numpy())
         return pictures
-
-
-def check_size_divisible(backbone: torch.nn.Module, divisor: int) -> None:
-    """The pyramid must sit exactly at strides 4–32 of the padded batch, or anchors drift off the objects.
-
-    Branch 0 sees the padded batch itself; the other branches see it floored to their resolution (as
-    upstream's `F.interpolate` does) and are resampled onto branch 0's grid by the merge, so only branch 0's
-    patch size and the stride-32 level constrain the padding.
-    """
-    patch = backbone.branches[0].strides[-1]
-    if divisor % 32 or divisor % patch:
-        raise ConfigError(
-            f"task.module.detector.size_divisible={divisor}: expected a multiple of 32 and of branch "
-            f"{backbone.branches[0].name}'s stride {patch}, so the pyramid has exact strides 4/8/16/32 "
-            "(the paper pads to 224 for PIIP models, 64 for single-branch baselines)"
-        )

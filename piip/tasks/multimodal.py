@@ -13,13 +13,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.fsdp import FSDPModule
 
 from piip.data.files import write_json
 from piip.data.llava.conversation import TEMPLATES, generation_prompt
 from piip.data.llava.dataset import ConversationBatch, load_tokenizer
 from piip.data.llava.questions import QuestionBatch
-from piip.distributed.fsdp import add_forward_method
 from piip.errors import ConfigError
 from piip.models.heads.llava import (
     BranchProjector,
@@ -34,7 +32,9 @@ log = logging.getLogger(__name__)
 PARTS = ("vision_tower", "projector", "language_model")
 
 
-class MultimodalTask(ValidationHooksForTest, PIIPTask):
+class MultimodalTask(ValidationHooksForTest, PIIPTask, requires={"merge": "none", "head": "none"}):
+    """PIIP-LLaVA: the vision tower (every branch's final map), a projector per branch and a causal LM."""
+
     def __init__(
         self,
         backbone: dict[str, Any],
@@ -45,11 +45,6 @@ class MultimodalTask(ValidationHooksForTest, PIIPTask):
         grad_checkpointing: bool = False,
         **base: Any,
     ) -> None:
-        if backbone.get("merge") != "none" or backbone.get("head") != "none":
-            raise ConfigError(
-                "the multimodal task reads every branch's final map: set task.backbone.merge=none and "
-                "task.backbone.head=none"
-            )
         unknown = sorted(set(trainable) - set(PARTS))
         if unknown:
             raise ConfigError(
@@ -58,8 +53,6 @@ class MultimodalTask(ValidationHooksForTest, PIIPTask):
         super().__init__(
             backbone, optim, load_pretrained=load_pretrained, grad_checkpointing=grad_checkpointing, **base
         )
-        if self.ema is not None:
-            raise ConfigError("task.optim.ema_decay: EMA covers only the vision tower; not supported here")
         path = language_model.get("path")
         if not path:
             raise ConfigError("task.module.language_model.path: a local Hugging Face causal LM folder")
@@ -86,13 +79,10 @@ class MultimodalTask(ValidationHooksForTest, PIIPTask):
         layers = [m for m in self.language_model.modules() if type(m).__name__ in layer_classes]
         return super().shard_units() + layers
 
-    def configure_model(self) -> None:
-        super().configure_model()
-        # the prompt is embedded here (splice_visual_tokens), outside the LLM's forward; under FSDP that
-        # lookup must gather the LLM's root unit (embeddings, final norm, head) as its forward does
-        model = self.language_model
-        if isinstance(model, FSDPModule) and not hasattr(model, "embed_prompt"):
-            add_forward_method(model, "embed_prompt", lambda lm, ids: lm.get_input_embeddings()(ids))
+    def sharded_forward_methods(self) -> dict[str, tuple[nn.Module, Any]]:
+        """The prompt is embedded here (splice_visual_tokens), outside the LLM's forward; sharded, that
+        lookup must gather the LLM's root unit (embeddings, final norm, head) as its forward does."""
+        return {"embed_prompt": (self.language_model, lambda lm, ids: lm.get_input_embeddings()(ids))}
 
     def embed_prompt(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings of the prompt (under FSDP through the LLM unit's own gathering entry point)."""
@@ -114,17 +104,11 @@ class MultimodalTask(ValidationHooksForTest, PIIPTask):
                 self.part(name).eval()
         return self
 
-    def setup(self, stage: str) -> None:
-        data = self.trainer.datamodule
-        if data is None or not hasattr(data, "visual_tokens"):
-            return
-        data.visual_tokens = self.visual_tokens
+    def data_needs(self) -> dict[str, Any]:
+        """Truncation to `task.data.max_length` counts each image as its visual tokens, and may not exceed
+        the language model's position embeddings."""
         positions = getattr(self.language_model.config, "max_position_embeddings", None)
-        if positions is not None and data.max_length > positions:
-            raise ConfigError(
-                f"task.data.max_length={data.max_length} exceeds the language model's "
-                f"max_position_embeddings={positions}; lower task.data.max_length"
-            )
+        return {"visual_tokens": self.visual_tokens, "max_positions": positions}
 
     # -- model --------------------------------------------------------------------------------------------
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -208,15 +192,15 @@ class MultimodalTask(ValidationHooksForTest, PIIPTask):
 
     # -- evaluation ---------------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
-        self._metric = self.trainer.datamodule.source.metric()
+        self._metric = self.attached_data().question_source.metric()
 
     def validation_step(self, batch: QuestionBatch, batch_idx: int) -> None:
-        source = self.trainer.datamodule.source
+        source = self.attached_data().question_source
         answers = self.generate(batch.input_ids, batch.attention_mask, batch.images, source.max_new_tokens)
         source.update(self._metric, batch.metas, answers)
 
     def on_validation_epoch_end(self) -> None:
-        source = self.trainer.datamodule.source
+        source = self.attached_data().question_source
         states = self.gather_objects(self._metric.state())
         metrics: dict[str, float] = {}
         if self.trainer.is_global_zero:

@@ -44,7 +44,7 @@ def palette(num_classes: int) -> np.ndarray:
     return (np.array(colours) * 255).round().astype(np.uint8)
 
 
-class SegmentationTask(PIIPTask):
+class SegmentationTask(PIIPTask, requires={"head": "pyramid"}):
     """UperNet segmenter on the backbone's 4-level pyramid; see the module docstring."""
 
     def __init__(
@@ -62,17 +62,8 @@ class SegmentationTask(PIIPTask):
         num_visualised: int = 4,
         **base: Any,
     ) -> None:
-        if backbone.get("head") != "pyramid":
-            raise ConfigError(
-                f"task.backbone.head: segmentation needs 'pyramid', got {backbone.get('head')!r}"
-            )
         if inference not in INFERENCE_MODES:
             raise ConfigError(f"task.module.inference: expected one of {INFERENCE_MODES}, got {inference!r}")
-        if (optim.get("ema_decay") or 0) > 0:
-            raise ConfigError(
-                "task.optim.ema_decay: segmentation does not support EMA (it would average the backbone "
-                "only, not the UperNet/FCN heads); set it to null"
-            )
         crop = int(backbone["resolutions"][0])
         stride = slide_stride if slide_stride is not None else max(crop * 2 // 3, 1)
         if not 0 < stride <= crop:
@@ -97,6 +88,21 @@ class SegmentationTask(PIIPTask):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Decode logits at stride 4 of `images`."""
         return self.decode_head(self.backbone(images).pyramid)
+
+    def probe_loss(self, images: torch.Tensor) -> torch.Tensor:
+        """Backbone, UperNet + FCN heads and their full-resolution cross-entropy.
+
+        Without `segmentation_loss`'s data-dependent check: the memory estimate runs on fake tensors, which
+        hold no labels to look at."""
+        labels = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.long)
+        pyramid = self.backbone(images).pyramid
+        decode, aux = (
+            F.cross_entropy(
+                resize(head(pyramid).float(), labels.shape[-2:]), labels, ignore_index=IGNORE_INDEX
+            )
+            for head in (self.decode_head, self.aux_head)
+        )
+        return decode + self.hparams.aux_weight * aux
 
     def losses_of(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """`decode`, `aux` and the weighted `total` the optimiser sees."""

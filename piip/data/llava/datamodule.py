@@ -18,6 +18,7 @@ from piip.data.llava.dataset import (
 from piip.data.llava.questions import QuestionBatch, QuestionDataset, collate_questions, question_source
 from piip.data.sampling import ResumableSampler
 from piip.errors import ConfigError
+from piip.evaluation.questions import QuestionSource
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +27,10 @@ class LlavaDataModule(ResumableDataModule):
     """Training conversations (`train_file`) and an evaluation question set (`eval`), sharing one
     tokenizer, template and image processing.
 
-    `visual_tokens` (how many tokens one image becomes) is set by the task before loaders are built, so
-    truncation to `max_length` accounts for them. With `synthetic` set, the embedded shapes data and its
-    tiny language model are written to `root` when this module is created — before the model, which loads
-    that language model.
+    `visual_tokens` (how many tokens one image becomes) comes from the task through `fit_to_task` before
+    loaders are built, so truncation to `max_length` accounts for them. With `synthetic` set, the embedded
+    shapes data and its tiny language model are written to `root` when this module is created — before the
+    model, which loads that language model.
     """
 
     def __init__(
@@ -67,9 +68,24 @@ class LlavaDataModule(ResumableDataModule):
         self.max_length = max_length
         self.processor = ImageProcessor(input_size, image_aspect_ratio)
         self.group_by_length = group_by_length
-        self.source = question_source(self.root, eval)
+        self._questions = question_source(self.root, eval)
         self.visual_tokens: int | None = None
         self._train: ConversationDataset | None = None
+
+    @property
+    def question_source(self) -> QuestionSource:
+        return self._questions
+
+    def fit_to_task(
+        self, visual_tokens: int | None = None, max_positions: int | None = None, **_: Any
+    ) -> None:
+        """Each image becomes `visual_tokens` tokens; the prompt may not outgrow the LM's `max_positions`."""
+        self.visual_tokens = visual_tokens
+        if max_positions is not None and self.max_length > max_positions:
+            raise ConfigError(
+                f"task.data.max_length={self.max_length} exceeds the language model's "
+                f"max_position_embeddings={max_positions}; lower task.data.max_length"
+            )
 
     def collate_fn(self, items: list[dict[str, Any]]) -> ConversationBatch | QuestionBatch:
         if "labels" in items[0]:
@@ -79,7 +95,8 @@ class LlavaDataModule(ResumableDataModule):
     def train_dataset(self) -> ConversationDataset:
         if self.visual_tokens is None:
             raise RuntimeError(
-                "LlavaDataModule.visual_tokens is unset: the MultimodalTask sets it in setup()"
+                "LlavaDataModule.visual_tokens is unset: piip.run.build.connect passes the task's "
+                "(fit_to_task)"
             )
         if self._train is None:
             self._train = ConversationDataset(
@@ -94,7 +111,9 @@ class LlavaDataModule(ResumableDataModule):
         return self._train
 
     def val_dataset(self) -> QuestionDataset:
-        return QuestionDataset(self.source.questions(), self.tokenizer, self.template, self.processor)
+        return QuestionDataset(
+            self.question_source.questions(), self.tokenizer, self.template, self.processor
+        )
 
     def _sampler(self, size: int, train: bool) -> ResumableSampler:
         sampler = super()._sampler(size, train)

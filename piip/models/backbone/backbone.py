@@ -23,7 +23,7 @@ from piip.models.backbone.deformable import DeformableAttention
 from piip.models.backbone.interaction import BidirectionalInteraction
 from piip.models.backbone.merge import BranchMerge
 from piip.models.backbone.taps import PyramidTaps
-from piip.models.branches import Branch, BranchState, build_branch
+from piip.models.branches import Branch, BranchState, branch_class, build_branch
 from piip.models.branches.checkpoint import LoadReport
 from piip.models.heads import BranchClassifier, MergedClassifier
 
@@ -250,7 +250,8 @@ class PIIPBackbone(nn.Module):
         return self.forward(images).features
 
     def shard_units(self) -> list[nn.Module]:
-        """Every branch block and interaction unit: what FSDP gathers one at a time (piip.distributed.fsdp)."""
+        """Every branch block and interaction unit: what FSDP gathers one at a time
+        (piip.distributed.fsdp)."""
         blocks = [block for branch in self.branches for block in branch.blocks]
         return blocks + [unit for stage in self.interactions for unit in stage]
 
@@ -313,11 +314,11 @@ def _check_branch_settings(config: PIIPConfig) -> None:
             f"(branch order is smallest model / highest resolution first: {names})"
         )
     for k, (spec, res) in enumerate(zip(config.branches, config.resolutions, strict=True)):
-        unit = 32 if spec.family == "convnext" else spec.patch_size
+        unit, reason = branch_class(spec).input_multiple(spec)
         if res % unit:
             raise ConfigError(
                 f"model.resolutions[{k}] = {res} for branch {spec.name}: expected a multiple of {unit} "
-                f"({'total stride' if spec.family == 'convnext' else 'patch size'})"
+                f"({reason})"
             )
     if config.window is not None and config.use_cls_token:
         raise ConfigError("model.window: window attention cannot be combined with use_cls_token (cls tokens)")

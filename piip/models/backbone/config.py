@@ -18,7 +18,7 @@ class BranchSpec:
     """One pretrained branch: which architecture, which checkpoint, and per-model settings."""
 
     name: str
-    family: Literal["vit", "beit", "convnext"]
+    family: str  # the adapter: a module of piip.models.branches (vit, beit, convnext, ...)
     timm_model: str
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
     patch_size: int = 16

@@ -2,9 +2,9 @@
 
 The defaults are mmdet 2.x `mask_rcnn_r50_fpn` 1x, which every released PIIP detection config uses. Two
 differences from torchvision's own `maskrcnn_resnet50_fpn`: at most 1000 proposals per image after the
-RPN's NMS in training (torchvision keeps 2000), and the backbone is not a submodule here — the caller
-passes it to `forward`, so a LightningModule owns one copy of it under one name for every task (layer-wise
-lr decay, EMA and checkpoint conversion all see `backbone.*`). Remaining differences (smooth-L1 instead of
+RPN's NMS in training (torchvision keeps 2000), and the backbone is referenced, not registered
+(`piip.models.heads.detector`): the task owns one copy of it under one name for every task (layer-wise
+lr decay and checkpoint conversion see `backbone.*`). Remaining differences (smooth-L1 instead of
 L1 box losses, RoIAlign `sampling_ratio=2` instead of adaptive) are torchvision's and are kept.
 
 Images arrive already resized (by the data pipeline, as in mmdet); `ImageBatcher` only normalises and pads
@@ -15,7 +15,6 @@ stored image size (`orig_size` of each target) so they can be evaluated against 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -32,6 +31,7 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from piip.errors import ConfigError
+from piip.models.heads.detector import Detector
 
 LEVELS = ("0", "1", "2", "3")  # strides 4, 8, 16, 32; the FPN adds "pool" (stride 64)
 
@@ -108,15 +108,18 @@ class PyramidNeck(nn.Module):
         return self.fpn(OrderedDict(zip(LEVELS, pyramid, strict=True)))
 
 
-class MaskRCNN(nn.Module):
-    """Everything of Mask R-CNN except the backbone; `num_classes` excludes the background."""
+class MaskRCNN(Detector):
+    """Mask R-CNN on a backbone with a 4-level pyramid; `num_classes` excludes the background."""
 
-    def __init__(self, pyramid_channels: list[int], num_classes: int, config: MaskRCNNConfig) -> None:
-        super().__init__()
+    name = "mask_rcnn"
+
+    def __init__(self, backbone: nn.Module, num_classes: int, config: MaskRCNNConfig) -> None:
+        super().__init__(backbone)
+        check_size_divisible(backbone, config.size_divisible)
         self.config = config
         c = config
         self.batcher = ImageBatcher(c.image_mean, c.image_std, c.size_divisible)
-        self.neck = PyramidNeck(pyramid_channels, c.fpn_channels)
+        self.neck = PyramidNeck(backbone.pyramid.out_channels, c.fpn_channels)
         anchors = AnchorGenerator(
             tuple((s,) for s in c.anchor_sizes), (tuple(c.aspect_ratios),) * len(c.anchor_sizes)
         )
@@ -150,15 +153,16 @@ class MaskRCNN(nn.Module):
             mask_predictor=MaskRCNNPredictor(c.mask_head_channels, c.mask_head_channels, num_classes + 1),
         )
 
+    @classmethod
+    def from_config(cls, backbone: nn.Module, num_classes: int, config: dict[str, Any]) -> MaskRCNN:
+        return cls(backbone, num_classes, MaskRCNNConfig.from_dict(config))
+
     def forward(
-        self,
-        backbone: Callable[[torch.Tensor], list[torch.Tensor]],
-        images: list[torch.Tensor],
-        targets: list[dict[str, torch.Tensor]] | None = None,
+        self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None
     ) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
         """Losses in training; in eval, detections at each target's `orig_size` (else the input size).
 
-        `images` are float 0–255 tensors of any sizes; `backbone` maps the padded batch to the pyramid.
+        `images` are float 0–255 tensors of any sizes; the backbone sees them normalised and padded.
         """
         if self.training and targets is None:
             raise ValueError("Mask R-CNN needs targets in training mode")
@@ -168,7 +172,7 @@ class MaskRCNN(nn.Module):
         ]
         targets = targets if self.training else None  # in evaluation they only carry orig_size
         batch, targets = self.batcher(images, targets)
-        features = self.neck(backbone(batch.tensors))
+        features = self.neck(self.backbone(batch.tensors).pyramid)
         proposals, rpn_losses = self.rpn(batch, features, targets)
         detections, roi_losses = self.roi_heads(features, proposals, batch.image_sizes, targets)
         if self.training:
@@ -178,3 +182,37 @@ class MaskRCNN(nn.Module):
     def pad(self, images: list[torch.Tensor]) -> ImageList:
         """The normalised, padded batch the backbone sees (for counting and checks)."""
         return self.batcher(images)[0]
+
+    def probe_loss(self, pyramid: list[torch.Tensor], batch_size: int) -> torch.Tensor:
+        """FPN neck and RPN head exactly; the RoI heads on the sampler's maximum (box RoIs per image, their
+        positive fraction for masks). Anchors, proposals and the real losses depend on the data: left out."""
+        features = list(self.neck(pyramid).values())
+        objectness, deltas = self.rpn.head(features)
+        roi = self.roi_heads
+        channels = self.neck.out_channels
+        boxes = batch_size * roi.fg_bg_sampler.batch_size_per_image
+        masks = int(boxes * roi.fg_bg_sampler.positive_fraction)
+        box_size, mask_size = roi.box_roi_pool.output_size, roi.mask_roi_pool.output_size
+        # RoIAlign outputs as new leaves (needing gradients, as the real ones): roi_align saves only the boxes
+        box_features = torch.empty(boxes, channels, *box_size, requires_grad=True)
+        mask_features = torch.empty(masks, channels, *mask_size, requires_grad=True)
+        scores, regression = roi.box_predictor(roi.box_head(box_features))
+        mask_logits = roi.mask_predictor(roi.mask_head(mask_features))
+        outputs = [*objectness, *deltas, scores, regression, mask_logits]
+        return sum(t.float().mean() for t in outputs)
+
+
+def check_size_divisible(backbone: nn.Module, divisor: int) -> None:
+    """The pyramid must sit exactly at strides 4–32 of the padded batch, or anchors drift off the objects.
+
+    Branch 0 sees the padded batch itself; the other branches see it floored to their resolution (as
+    upstream's `F.interpolate` does) and are resampled onto branch 0's grid by the merge, so only branch 0's
+    patch size and the stride-32 level constrain the padding.
+    """
+    patch = backbone.branches[0].strides[-1]
+    if divisor % 32 or divisor % patch:
+        raise ConfigError(
+            f"task.module.detector.size_divisible={divisor}: expected a multiple of 32 and of branch "
+            f"{backbone.branches[0].name}'s stride {patch}, so the pyramid has exact strides 4/8/16/32 "
+            "(the paper pads to 224 for PIIP models, 64 for single-branch baselines)"
+        )
