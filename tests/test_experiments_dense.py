@@ -149,7 +149,9 @@ def test_dense_experiment(name: str, tmp_path: Path):
     # the settings reach classes that accept them; pad and normalisation of the row's family (PAPER.md §3.3)
     config = PIIPConfig.from_dict(backbone)
     if task == "coco":
-        detector = MaskRCNNConfig.from_dict(plain(cfg.task.module.detector))
+        settings = plain(cfg.task.module.detector)
+        assert settings.pop("name") == "mask_rcnn"
+        detector = MaskRCNNConfig.from_dict(settings)
         convnext_piip = model.startswith(("piip_ct_", "piip_vt_"))
         assert detector.size_divisible == pad_of(model)
         mean, std = IMAGENET if convnext_piip else ([127.5] * 3, [127.5] * 3)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from piip.tools.sweep_summary import find_jobs, load_job, main, plot
+from piip.analysis.sweeps import find_jobs, load_job, plot
+from piip.tools.sweep_summary import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -1,7 +1,9 @@
-"""LightningModules (one per task) and the optimisation they share."""
+"""LightningModules (one per task), the optimisation they share, and `TaskData`: what they learn from their
+data."""
 
 from piip.tasks.base import NonFiniteLossError, PIIPTask
 from piip.tasks.classification import ClassificationTask
+from piip.tasks.data import TaskData
 from piip.tasks.detection import DetectionTask
 from piip.tasks.multimodal import MultimodalTask
 from piip.tasks.segmentation import SegmentationTask
@@ -13,4 +15,5 @@ __all__ = [
     "NonFiniteLossError",
     "PIIPTask",
     "SegmentationTask",
+    "TaskData",
 ]
