@@ -133,6 +133,7 @@ def test_quickstart_loads_the_checkpoint_train_py_writes(monkeypatch, tmp_path):
         "+trainer.enable_progress_bar=false",
         "+trainer.enable_model_summary=false",
         "trainer.max_epochs=1",
+        "task.val_every_n_epochs=1",  # the quick start validates every 5 epochs: best.ckpt needs one
         "trainer.num_sanity_val_steps=0",
         "test_after_fit=false",
         "task.data.num_workers=0",
