@@ -274,6 +274,24 @@ def test_backbone_branch_sizes_follow_input(build_piip, vit_spec):
     assert_pyramid(out.pyramid, 1, 64, 96, 128)
 
 
+def test_branch_inputs_are_resized_by_scale_factor_as_upstream(build_piip, vit_spec):
+    """1120/896/448 on a 448 x 336 input: 0.8 and 0.4 of it are fractional sizes (358.4, 179.2, ...), where
+    a scale factor and a target size sample different positions; upstream resizes by the factor."""
+    model = build_piip([vit_spec("t", 32), vit_spec("s", 32), vit_spec("b", 64)], [1120, 896, 448])
+    images = torch.randn(1, 3, 448, 336)
+    seen = []
+    for branch in model.branches:
+        branch.patch_embed.proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    with torch.no_grad():
+        model(images)
+    assert model.branch_sizes(448, 336) == [(448, 336), (358, 268), (179, 134)]
+    for x, scale in zip(seen, (1.0, 0.8, 0.4), strict=True):
+        upstream = images if scale == 1 else F.interpolate(images, scale_factor=scale, mode="bilinear")
+        torch.testing.assert_close(x, upstream, rtol=0, atol=0)
+    by_size = F.interpolate(images, size=(179, 134), mode="bilinear")
+    assert (seen[2] - by_size).abs().max() > 0.1  # the other sampling would have been visibly different
+
+
 # -- 9. classification heads -------------------------------------------------------------------------------
 def classification_model(build_piip, vit_spec, **overrides):
     specs = [vit_spec("s", 32), vit_spec("b", 64)]

@@ -3,8 +3,8 @@
 Training: cross-entropy (ignore 255) of the decode logits upsampled to the label size, plus `aux_weight` ×
 the same loss of the auxiliary head. Evaluation: `slide` (crop = highest branch resolution, windows every
 `slide_stride` pixels) or `whole` inference on the resized image, logits resized back to the original size,
-mIoU/mAcc/aAcc over the dataset's confusion matrix. EMA is refused: `PIIPTask` averages the backbone only,
-and evaluating an averaged backbone under trained heads would not be the EMA model.
+mIoU/mAcc/aAcc over the dataset's confusion matrix. EMA is refused (`PIIPTask.keeps_ema`): evaluating an
+averaged backbone under trained heads would not be the EMA model.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ branch's blocks, then the interaction units from the high-resolution end down ->
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -179,19 +180,29 @@ class PIIPBackbone(nn.Module):
         return reports
 
     # -- forward ------------------------------------------------------------------------------------------
-    def branch_sizes(self, height: int, width: int) -> list[tuple[int, int]]:
-        """Input size of each branch: the image scaled by resolution_k / resolution_0, floored."""
+    def branch_scales(self) -> list[float]:
+        """Scale factor of each branch's input, resolution_k / resolution_0.
+
+        Upstream resizes by this factor, not to a target size, and so does piip: PyTorch samples output
+        pixel i at `(i + 0.5) / s - 0.5` with a scale factor but at `(i + 0.5) * in / out - 0.5` with a size,
+        which differ whenever `H * s` is fractional (most padded COCO inputs), and released weights expect
+        upstream's pyramid.
+        """
         top = self.config.resolutions[0]
-        return [(height * r // top, width * r // top) for r in self.config.resolutions]
+        return [r / top for r in self.config.resolutions]
+
+    def branch_sizes(self, height: int, width: int) -> list[tuple[int, int]]:
+        """Input size of each branch, as `F.interpolate` computes it for the scale factor (floored)."""
+        return [(math.floor(float(height) * s), math.floor(float(width) * s)) for s in self.branch_scales()]
 
     def forward(self, images: torch.Tensor) -> PIIPOutput:
         """`images`: (B, 3, H, W) at the highest branch resolution."""
         states = []
-        for branch, size in zip(self.branches, self.branch_sizes(*images.shape[-2:]), strict=True):
+        for branch, scale in zip(self.branches, self.branch_scales(), strict=True):
             x = (
                 images
-                if size == tuple(images.shape[-2:])
-                else F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+                if scale >= 1
+                else F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False)
             )
             states.append(branch.embed(x))
         intermediates = []
