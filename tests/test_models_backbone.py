@@ -497,3 +497,21 @@ def test_unread_parameters_are_exactly_those_without_gradient(vit_spec, build_pi
     without_grad = {n for n, p in model.named_parameters() if p.grad is None}
     assert set(model.unread_parameters()) == without_grad
     assert bool(without_grad) == (token == "cls")  # the top-left patch token does read the last interaction
+
+
+# -- upstream's fused MLP ------------------------------------------------------------------------------------
+def test_gelu_tanh_branches_compute_upstreams_fused_mlp(vit_spec, convnext_spec):
+    """`mlp_activation=gelu_tanh` (upstream mlp_type='fused_mlp'): fc2(gelu_tanh(fc1(x))) in every block;
+    the default keeps the exact GELU the pretrained weights were trained with."""
+    torch.manual_seed(0)
+    tanh_branch = build_branch(vit_spec("t", 32, mlp_activation="gelu_tanh"))
+    exact_branch = build_branch(vit_spec("e", 32))
+    tanh_branch.load_state_dict(exact_branch.state_dict())
+    x = torch.randn(2, 5, 32) * 3
+    for tanh_block, exact_block in zip(tanh_branch.blocks, exact_branch.blocks, strict=True):
+        mlp = tanh_block.mlp
+        expected = mlp.fc2(F.gelu(mlp.fc1(x), approximate="tanh"))
+        torch.testing.assert_close(mlp(x), expected, rtol=0, atol=0)
+        assert (mlp(x) - exact_block.mlp(x)).abs().max() > 1e-6  # another function (tanh error ~1e-5 here)
+    with pytest.raises(ConfigError, match="mlp_activation='gelu_tanh' is a ViT setting"):
+        build_branch(convnext_spec("c", mlp_activation="gelu_tanh"))

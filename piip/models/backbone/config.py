@@ -27,6 +27,9 @@ class BranchSpec:
     norm_eps: float = 1e-6
     qk_norm: Literal["none", "head", "all"] = "none"
     window_pad: Literal["qkv", "tokens"] = "qkv"
+    # "gelu_tanh": upstream's mlp_type='fused_mlp' (flash-attn FusedMLP, tanh-approximated GELU) of the
+    # speed-up, segmentation and LH6B rows, which the released weights were fine-tuned with (PAPER.md §7.10)
+    mlp_activation: Literal["gelu", "gelu_tanh"] = "gelu"
     drop_path_rate: float = 0.0
     drop_path_schedule: Literal["constant", "linear"] = "constant"
     interaction_indexes: list[list[int]] | None = None  # None: split the blocks evenly

@@ -6,6 +6,7 @@ import timm
 import torch
 from torch import nn
 
+from piip.errors import ConfigError
 from piip.models.backbone.config import BranchSpec
 from piip.models.branches.base import Branch, BranchState
 
@@ -22,6 +23,11 @@ class ConvNeXtBranch(Branch):
         return 32, "total stride"
 
     def __init__(self, spec: BranchSpec, **_: object) -> None:
+        if spec.mlp_activation != "gelu":
+            raise ConfigError(
+                f"branch {spec.name}: mlp_activation={spec.mlp_activation!r} is a ViT setting; ConvNeXt "
+                "branches keep timm's exact GELU"
+            )
         super().__init__(spec)
         kwargs = dict(num_classes=0, drop_path_rate=spec.drop_path_rate)
         kwargs.update(spec.timm_kwargs)

@@ -76,6 +76,8 @@ class ViTBranch(Branch):
             norm_layer=norm_layer(self.spec),
         )
         block.attn.num_prefix_tokens = 1 if self.has_cls_token else 0
+        if self.spec.mlp_activation == "gelu_tanh":
+            block.mlp.act = nn.GELU(approximate="tanh")
         block.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         block.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
