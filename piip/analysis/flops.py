@@ -32,10 +32,10 @@ def paper_count(twin: dict[str, Any], paper_protocol: str) -> Complexity:
     return measure(twin, "paper", deform_grid_of_first_interaction=paper_protocol == "encoder")
 
 
-def flops_report(backbone: dict[str, Any], twin: dict[str, Any], paper_protocol: str) -> dict[str, float]:
-    """Both counts, rounded, as `results.json` and the flops tool report them."""
+def flops_report(backbone: dict[str, Any], paper: Complexity) -> dict[str, float]:
+    """The backbone as built, counted here, beside its `paper_count`, rounded as `results.json` and the
+    flops tool report them."""
     actual = measure(backbone, "actual")
-    paper = paper_count(twin, paper_protocol)
     return {
         "params_m": round(actual.params_m, 4),
         "gflops": round(actual.gflops, 4),

@@ -10,16 +10,24 @@ import torch
 from omegaconf import DictConfig
 
 from piip.analysis import flops
+from piip.analysis.complexity import Complexity
 from piip.run.config import backbone_dict, paper_protocol, paper_twin_dict
 
 log = logging.getLogger(__name__)
+
+
+def paper_complexity(cfg: DictConfig, backbone: dict[str, Any] | None = None) -> Complexity:
+    """The paper protocol's count of the configured model (its twin, `paper_twin_dict`); `backbone`: the
+    run's settings when already derived."""
+    twin = paper_twin_dict(cfg, backbone)
+    return flops.paper_count(twin, paper_protocol(cfg))
 
 
 def flops_report(cfg: DictConfig, backbone: dict[str, Any] | None = None) -> dict[str, float]:
     """Params and FLOPs of the model, as built and as the paper counts them (`piip.analysis.flops`);
     `backbone`: the run's settings when already derived."""
     backbone = backbone if backbone is not None else backbone_dict(cfg)
-    return flops.flops_report(backbone, paper_twin_dict(cfg, backbone), paper_protocol(cfg))
+    return flops.flops_report(backbone, paper_complexity(cfg, backbone))
 
 
 def complexity(cfg: DictConfig, backbone: dict[str, Any]) -> dict[str, float | None]:

@@ -115,13 +115,17 @@ class PIIPTask(L.LightningModule):
         """Entry points other than `forward` that sharded units need (name -> (unit, function))."""
         return {}
 
-    def configure_model(self) -> None:
-        """Lightning calls this before the optimizer exists (for fit and again for test). A strategy that
-        shards the model (`piip.distributed.fsdp`) offers `shard_task` and does it from `shard_units`."""
+    def sharding_strategy(self) -> Any:
+        """The trainer's strategy when it shards the model (`piip.distributed.fsdp` offers `shard_task`,
+        which shards from `shard_units`), else None."""
         strategy = self._trainer.strategy if self._trainer is not None else None
-        shard_task = getattr(strategy, "shard_task", None)
-        if shard_task is not None:
-            shard_task(self)
+        return strategy if hasattr(strategy, "shard_task") else None
+
+    def configure_model(self) -> None:
+        """Lightning calls this before the optimizer exists (for fit and again for test): shard, if asked."""
+        strategy = self.sharding_strategy()
+        if strategy is not None:
+            strategy.shard_task(self)
 
     # -- optimisation -------------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:

@@ -69,8 +69,7 @@ class ClassificationTask(PIIPTask, requires={"head": "classification"}):
         self.check_num_classes(self.hparams.num_classes, "task.backbone.num_classes")
 
     def configure_model(self) -> None:
-        strategy = self._trainer.strategy if self._trainer is not None else None
-        if self.ema is not None and hasattr(strategy, "shard_task"):
+        if self.ema is not None and self.sharding_strategy() is not None:
             raise ConfigError(
                 "trainer=fsdp: task.optim.ema_decay is set, but the EMA copy of the backbone is not sharded; "
                 "set task.optim.ema_decay=null or train with trainer=ddp"

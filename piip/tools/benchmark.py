@@ -29,11 +29,11 @@ from rich.console import Console
 from rich.table import Table
 
 from piip.analysis.benchmark import MODES, model_entry, ratios
-from piip.analysis.flops import paper_count
 from piip.data.files import write_json
 from piip.errors import ConfigError
 from piip.run.cli import quote_resolution_overrides
-from piip.run.config import CONF_DIR, backbone_dict, compose, paper_protocol, paper_twin_dict
+from piip.run.config import CONF_DIR, backbone_dict, compose
+from piip.run.results import paper_complexity
 
 
 def settings_of(cfg: DictConfig) -> dict[str, Any]:
@@ -68,8 +68,7 @@ def baseline_config(cfg: DictConfig) -> DictConfig:
 
 def entry_of(cfg: DictConfig, settings: dict[str, Any]) -> dict[str, Any]:
     backbone = backbone_dict(cfg)
-    paper = paper_count(paper_twin_dict(cfg, backbone), paper_protocol(cfg))
-    return model_entry(cfg.model.name, backbone, paper.gflops, settings)
+    return model_entry(cfg.model.name, backbone, paper_complexity(cfg, backbone).gflops, settings)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

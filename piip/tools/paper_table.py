@@ -6,17 +6,16 @@ paper's; `tests/test_paper_table.py` checks each row within 2 %.
 
 from __future__ import annotations
 
-from piip.analysis.flops import paper_count
 from piip.analysis.paper_rows import ROWS, PaperRow
-from piip.run.config import compose, paper_protocol, paper_twin_dict
+from piip.run.config import compose
+from piip.run.results import paper_complexity
 
 __all__ = ["ROWS", "PaperRow", "count_row", "main", "relative_error"]
 
 
 def count_row(row: PaperRow) -> tuple[float, float]:
     """(params M, GFLOPs) of a row with the paper protocol."""
-    cfg = compose("flops", row.overrides)
-    result = paper_count(paper_twin_dict(cfg), paper_protocol(cfg))
+    result = paper_complexity(compose("flops", row.overrides))
     return result.params_m, result.gflops
 
 

@@ -68,13 +68,9 @@ class LlavaDataModule(ResumableDataModule):
         self.max_length = max_length
         self.processor = ImageProcessor(input_size, image_aspect_ratio)
         self.group_by_length = group_by_length
-        self._questions = question_source(self.root, eval)
+        self.question_source: QuestionSource = question_source(self.root, eval)
         self.visual_tokens: int | None = None
         self._train: ConversationDataset | None = None
-
-    @property
-    def question_source(self) -> QuestionSource:
-        return self._questions
 
     def fit_to_task(
         self, visual_tokens: int | None = None, max_positions: int | None = None, **_: Any
