@@ -104,6 +104,14 @@ class Branch(nn.Module, ABC):
     def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Turn a checkpoint already in timm naming into this branch's layout (resampling as needed)."""
 
+    def from_official(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Keys of the official PIIP code's module for this branch (relative to its `branchK.`) -> this
+        branch's keys, at the checkpoint's own shapes (the converter checks them against the model).
+
+        Keys the adapter cannot place are returned unchanged, so the converter can list them.
+        """
+        raise NotImplementedError(f"branch family {self.family!r} has no official-checkpoint naming")
+
     def _run(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and x.requires_grad:
             return checkpoint(block, x, use_reentrant=False)
