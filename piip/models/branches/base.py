@@ -23,6 +23,12 @@ from piip.models.branches.checkpoint import LoadReport, load_branch_checkpoint
 from piip.models.registry import Registry
 
 BRANCH_FAMILIES: Registry[Branch] = Registry("piip.models.branches", "family")  # filled by the adapters
+UNUSED_BY_OFFICIAL = "<unused>."  # `from_official` marks official keys the official forward never reads
+
+
+def unused_by_official(key: str, why: str) -> str:
+    """The key `from_official` returns for an official tensor that the official model never reads."""
+    return f"{UNUSED_BY_OFFICIAL}{key}|{why}"
 
 
 @dataclass
@@ -108,7 +114,8 @@ class Branch(nn.Module, ABC):
         """Keys of the official PIIP code's module for this branch (relative to its `branchK.`) -> this
         branch's keys, at the checkpoint's own shapes (the converter checks them against the model).
 
-        Keys the adapter cannot place are returned unchanged, so the converter can list them.
+        Keys the adapter cannot place are returned unchanged, so the converter can list them; tensors the
+        official forward never reads come back under `unused_by_official(key, why)`.
         """
         raise NotImplementedError(f"branch family {self.family!r} has no official-checkpoint naming")
 

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import re
+
 import timm
 import torch
 from torch import nn
 
 from piip.errors import ConfigError
 from piip.models.backbone.config import BranchSpec
-from piip.models.branches.base import Branch, BranchState
+from piip.models.branches.base import Branch, BranchState, unused_by_official
+
+# Hugging Face ConvNeXt names -> timm's (same tensors: HF's pointwise convs are Linear layers, as timm's MLP)
+_HF_CONVNEXT = [
+    (r"^embeddings\.patch_embeddings\.", "stem.0."),
+    (r"^embeddings\.layernorm\.", "stem.1."),
+    (r"^encoder\.stages\.(\d+)\.downsampling_layer\.", r"stages.\1.downsample."),
+    (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.dwconv\.", r"stages.\1.blocks.\2.conv_dw."),
+    (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.layernorm\.", r"stages.\1.blocks.\2.norm."),
+    (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.pwconv([12])\.", r"stages.\1.blocks.\2.mlp.fc\3."),
+    (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.layer_scale_parameter$", r"stages.\1.blocks.\2.gamma"),
+]
 
 
 class ConvNeXtBranch(Branch):
@@ -79,13 +92,23 @@ class ConvNeXtBranch(Branch):
     def no_weight_decay(self) -> set[str]:
         return {n for n, _ in self.named_parameters() if n.endswith("gamma")}
 
+    def from_official(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Upstream's `ConvNextHFWrapper`: a Hugging Face `ConvNextModel` under `convnext_model.`."""
+        out: dict[str, torch.Tensor] = {}
+        for key, value in state_dict.items():
+            name = key.removeprefix("convnext_model.")
+            if name.startswith("layernorm."):  # the pooled-output norm
+                why = "Hugging Face's pooled-output norm; upstream PIIP reads the stage maps"
+                out[unused_by_official(key, why)] = value
+                continue
+            renamed = name
+            for pattern, replacement in _HF_CONVNEXT:
+                renamed = re.sub(pattern, replacement, renamed)
+            out[renamed if renamed != name and key != name else key] = value  # unknown: its own name
+        return out
+
     def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return timm.models.convnext.checkpoint_filter_fn(state_dict, self._arch[0])
-
-
-def _out_channels(module: nn.Module, default: int) -> int:
-    convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
-    return convs[-1].out_channels if convs else default
 
 
 def _out_channels(module: nn.Module, default: int) -> int:

@@ -13,7 +13,16 @@ from torch import nn
 from piip.errors import ConfigError
 from piip.models.backbone.attention import GridAttention
 from piip.models.backbone.config import BranchSpec, WindowConfig
-from piip.models.branches.base import Branch, BranchState, drop_path_rates, norm_layer, resample_grid
+from piip.models.branches.base import (
+    Branch,
+    BranchState,
+    drop_path_rates,
+    norm_layer,
+    resample_grid,
+    unused_by_official,
+)
+
+_OFFICIAL_LAYER_SCALE = re.compile(r"^blocks\.(\d+)\.gamma_([12])$")  # upstream `vit_models` (DeiT code)
 
 
 class ViTBranch(Branch):
@@ -138,6 +147,39 @@ class ViTBranch(Branch):
         if "pos_embed" in state_dict and self.pos_embed is not None:
             state_dict["pos_embed"] = self._adapt_pos_embed(state_dict["pos_embed"])
         return self.timm_filter(state_dict, self._arch[0])
+
+    def from_official(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Upstream's `vit_models` (DeiT code: `gamma_1/2` layer scale) and `InternViT6B` (timm-like names).
+
+        Position embeddings keep their stored grid (upstream stores them at the branch resolution for
+        classification and segmentation, where the model config must then say `pos_embed_at_resolution`).
+        Upstream's PIIP forwards never add a position to a cls token: a cls slot in the official table is
+        reported unused and piip's slot, if it has one, is zero, which computes the same.
+        """
+        out: dict[str, torch.Tensor] = {}
+        for key, value in state_dict.items():
+            key = _OFFICIAL_LAYER_SCALE.sub(r"blocks.\1.ls\2.gamma", key)
+            if key == "pos_embed" and self.pos_embed is not None:
+                out.update(self._official_pos_embed(value))
+            else:
+                out[key] = value
+        return out
+
+    def _official_pos_embed(self, pos: torch.Tensor) -> dict[str, torch.Tensor]:
+        grid_tokens = self.pos_embed.shape[1] - self.num_pos_prefix
+        has_slot = pos.shape[1] == grid_tokens + 1
+        if pos.shape[1] not in (grid_tokens, grid_tokens + 1):
+            return {"pos_embed": pos}  # a grid of another size: the converter reports the shape
+        out = {}
+        grid = pos[:, 1:] if has_slot else pos
+        if has_slot:
+            out[
+                unused_by_official("pos_embed[:, 0]", "cls slot; upstream adds no position to a cls token")
+            ] = pos[:, :1]
+        if self.num_pos_prefix:
+            grid = torch.cat([torch.zeros_like(grid[:, :1]), grid], dim=1)
+        out["pos_embed"] = grid
+        return out
 
     def _adapt_pos_embed(self, pos: torch.Tensor) -> torch.Tensor:
         """Checkpoint pos-embed (any grid, with or without cls slot) -> this branch's stored layout."""

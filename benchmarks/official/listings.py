@@ -1,0 +1,211 @@
+"""Key -> shape listing of every released PIIP config, as its official checkpoint holds it.
+
+The backbone part comes from the official backbone class itself, built on the meta device with the config's
+own `model.backbone` kwargs (no weights are allocated or loaded). The detection and segmentation heads are
+mmdet 2.x / mmseg 0.x modules that cannot be imported without mmcv's compiled ops; their keys follow from
+the config (`neck`, `rpn_head`, `roi_head`, `decode_head`, `auxiliary_head`) by those libraries' naming,
+written out below.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from official_imports import load  # noqa: E402
+
+# Released configs per code base (PAPER.md §3.3-3.5); DINO backbones belong to the DINO issue.
+CONFIG_GLOBS = {
+    "classification": ["classification/configs/piip_*.py"],
+    "mmdetection": [
+        "mmdetection/configs/piip/[234]branch/mask_rcnn_*.py",
+        "mmdetection/configs/piip/convnext/*.py",
+    ],
+    "mmsegmentation": ["mmsegmentation/configs/piip/2branch/upernet_*.py"],
+}
+# Hugging Face ConvNeXt architectures the ConvNeXt configs name (from each model's config.json)
+CONVNEXT_SIZES = {
+    "convnext-tiny": ([96, 192, 384, 768], [3, 3, 9, 3]),
+    "convnext-small": ([96, 192, 384, 768], [3, 3, 27, 3]),
+    "convnext-base": ([128, 256, 512, 1024], [3, 3, 27, 3]),
+    "convnext-large": ([192, 384, 768, 1536], [3, 3, 27, 3]),
+}
+CLASSES = {"mmdetection": 80, "mmsegmentation": 150}
+
+
+def read_config(path: Path) -> dict:
+    """An mmcv-style config file's `model` dict (the PIIP configs set every backbone field themselves)."""
+    return runpy.run_path(str(path))["model"]
+
+
+def _shapes(module: torch.nn.Module, prefix: str = "") -> dict[str, list[int]]:
+    return {prefix + k: list(v.shape) for k, v in module.state_dict().items()}
+
+
+def _no_downloads(modules: dict) -> None:
+    """`ConvNextModel.from_pretrained("facebook/convnext-small-224")` -> the same architecture, unloaded."""
+    wrapper = vars(modules["piip_3branch"]).get("ConvNextHFWrapper")
+    if wrapper is None:
+        return
+    from transformers import ConvNextConfig, ConvNextModel
+
+    module = sys.modules[wrapper.__module__]
+
+    class Offline:  # noqa: D101 - a loader shim only
+        @staticmethod
+        def from_pretrained(name: str, **kwargs):
+            size = next(k for k in CONVNEXT_SIZES if k in name)
+            hidden, depths = CONVNEXT_SIZES[size]
+            model = ConvNextModel(ConvNextConfig(hidden_sizes=hidden, depths=depths, **kwargs))
+            for stage in model.encoder.stages:  # as make_fixtures.sequential_downsampling
+                layers = stage.downsampling_layer
+                if isinstance(layers, torch.nn.ModuleList):
+                    stage.downsampling_layer = (
+                        torch.nn.Sequential(*layers) if len(layers) else torch.nn.Identity()
+                    )
+            return model
+
+    module.ConvNextModel = Offline
+
+
+def backbone_kwargs(model: dict, code_base: str) -> tuple[str, dict]:
+    kwargs = dict(model["backbone"])
+    kwargs.pop("_delete_", None)
+    kind = kwargs.pop("type", None)
+    branches = sorted(k for k in kwargs if k.startswith("branch") and k[6:].isdigit())
+    for name in branches:
+        branch = dict(kwargs[name])
+        if branch.get("mlp_type") == "fused_mlp":
+            branch["mlp_type"] = "regular"  # flash-attn's FusedMLP: same fc1/fc2 keys and shapes
+        if branch.get("Mlp_block") == "fused_mlp":
+            branch.pop("Mlp_block")  # vit_models' spelling of the same
+        if "use_flash_attn" in branch:
+            branch["use_flash_attn"] = False
+        kwargs[name] = branch
+    if code_base == "classification":
+        kind = {2: "PIIPTwoBranch", 3: "PIIPThreeBranch", 4: "PIIPFourBranch"}[len(branches)]
+        for name in branches:
+            kwargs[name]["pretrained"] = None
+    return kind, kwargs
+
+
+def mmdet_heads(model: dict) -> dict[str, list[int]]:
+    """mmdet 2.x FPN + RPNHead + StandardRoIHead (Shared2FCBBoxHead, FCNMaskHead) keys for these settings."""
+    neck, classes = model.get("neck", {}), CLASSES["mmdetection"]
+    ins, out = neck.get("in_channels", [256] * 4), neck.get("out_channels", 256)
+    keys: dict[str, list[int]] = {}
+    for i, c in enumerate(ins):
+        keys |= {
+            f"neck.lateral_convs.{i}.conv.weight": [out, c, 1, 1],
+            f"neck.lateral_convs.{i}.conv.bias": [out],
+        }
+        keys |= {f"neck.fpn_convs.{i}.conv.weight": [out, out, 3, 3], f"neck.fpn_convs.{i}.conv.bias": [out]}
+    anchors = 3  # one scale, ratios 0.5/1/2
+    keys |= {"rpn_head.rpn_conv.weight": [out, out, 3, 3], "rpn_head.rpn_conv.bias": [out]}
+    keys |= {"rpn_head.rpn_cls.weight": [anchors, out, 1, 1], "rpn_head.rpn_cls.bias": [anchors]}
+    keys |= {"rpn_head.rpn_reg.weight": [anchors * 4, out, 1, 1], "rpn_head.rpn_reg.bias": [anchors * 4]}
+    box = "roi_head.bbox_head."
+    keys |= {box + "shared_fcs.0.weight": [1024, out * 49], box + "shared_fcs.0.bias": [1024]}
+    keys |= {box + "shared_fcs.1.weight": [1024, 1024], box + "shared_fcs.1.bias": [1024]}
+    keys |= {box + "fc_cls.weight": [classes + 1, 1024], box + "fc_cls.bias": [classes + 1]}
+    keys |= {box + "fc_reg.weight": [classes * 4, 1024], box + "fc_reg.bias": [classes * 4]}
+    mask = "roi_head.mask_head."
+    for i in range(4):
+        keys |= {mask + f"convs.{i}.conv.weight": [256, 256, 3, 3], mask + f"convs.{i}.conv.bias": [256]}
+    keys |= {mask + "upsample.weight": [256, 256, 2, 2], mask + "upsample.bias": [256]}
+    keys |= {mask + "conv_logits.weight": [classes, 256, 1, 1], mask + "conv_logits.bias": [classes]}
+    return keys
+
+
+def _conv_bn(prefix: str, out: int, inp: int, k: int) -> dict[str, list[int]]:
+    keys = {prefix + "conv.weight": [out, inp, k, k]}
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        keys[prefix + "bn." + name] = [out]
+    keys[prefix + "bn.num_batches_tracked"] = []
+    return keys
+
+
+def mmseg_heads(model: dict) -> dict[str, list[int]]:
+    """mmseg UPerHead + FCNHead (one conv, no concat) keys for these settings."""
+    decode, aux, classes = model["decode_head"], model["auxiliary_head"], CLASSES["mmsegmentation"]
+    ins, c, scales = decode["in_channels"], decode["channels"], decode.get("pool_scales", (1, 2, 3, 6))
+    keys: dict[str, list[int]] = {
+        "decode_head.conv_seg.weight": [classes, c, 1, 1],
+        "decode_head.conv_seg.bias": [classes],
+    }
+    for i, _ in enumerate(scales):
+        keys |= _conv_bn(f"decode_head.psp_modules.{i}.1.", c, ins[-1], 1)
+    keys |= _conv_bn("decode_head.bottleneck.", c, ins[-1] + len(scales) * c, 3)
+    for i, channels in enumerate(ins[:-1]):
+        keys |= _conv_bn(f"decode_head.lateral_convs.{i}.", c, channels, 1)
+        keys |= _conv_bn(f"decode_head.fpn_convs.{i}.", c, c, 3)
+    keys |= _conv_bn("decode_head.fpn_bottleneck.", c, len(ins) * c, 3)
+    keys |= _conv_bn("auxiliary_head.convs.0.", aux["channels"], aux["in_channels"], 3)
+    keys |= {"auxiliary_head.conv_seg.weight": [classes, aux["channels"], 1, 1]}
+    keys |= {"auxiliary_head.conv_seg.bias": [classes]}
+    return keys
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Every parameter and buffer is moved to the meta device as it is registered (6B models list in
+    seconds); plain tensors the constructors compute (drop-path schedules) stay real."""
+    register_parameter, register_buffer = torch.nn.Module.register_parameter, torch.nn.Module.register_buffer
+
+    def parameter(self, name, param):
+        if param is not None:
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register_parameter(self, name, param)
+
+    def buffer(self, name, tensor, persistent=True):
+        register_buffer(self, name, None if tensor is None else tensor.to("meta"), persistent)
+
+    torch.nn.Module.register_parameter, torch.nn.Module.register_buffer = parameter, buffer
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter, torch.nn.Module.register_buffer = (
+            register_parameter,
+            register_buffer,
+        )
+
+
+def listing(modules: dict, path: Path, code_base: str) -> dict[str, list[int]]:
+    model = read_config(path)
+    kind, kwargs = backbone_kwargs(model, code_base)
+    file = {
+        "PIIPTwoBranch": "piip_2branch",
+        "PIIPThreeBranch": "piip_3branch",
+        "PIIPFourBranch": "piip_4branch",
+    }[kind]
+    with parameters_on_meta():
+        backbone = getattr(modules[file], kind)(**kwargs)
+    if code_base == "classification":
+        return _shapes(backbone)
+    keys = _shapes(backbone, "backbone.")
+    return keys | (mmdet_heads(model) if code_base == "mmdetection" else mmseg_heads(model))
+
+
+def write_listings(official: Path, code_base: str, out: Path) -> None:
+    if code_base not in CONFIG_GLOBS:
+        return
+    official = Path(official).resolve()
+    modules = load(official, code_base)
+    _no_downloads(modules)
+    out.mkdir(parents=True, exist_ok=True)
+    for pattern in CONFIG_GLOBS[code_base]:
+        for path in sorted(official.glob(pattern)):
+            keys = listing(modules, path, code_base)
+            record = {"config": str(path.relative_to(official)), "keys": keys}
+            text = json.dumps(record, indent=0, sort_keys=True) + "\n"
+            # gzip: ~2,000 keys a config; mtime=0 keeps the file byte-identical between runs
+            (out / f"{path.stem}.json.gz").write_bytes(gzip.compress(text.encode(), mtime=0))
+            print(f"{path.stem}: {len(keys)} keys")

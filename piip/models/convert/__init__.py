@@ -1,0 +1,3 @@
+"""Official PIIP checkpoints -> piip names: the backbone (`official`), mmdet's Mask R-CNN heads
+(`mmdet_rcnn`) and mmseg's UperNet heads (`mmseg_upernet`). Pure torch: the run layer
+(`piip.run.convert`) reads files, builds the model and writes the piip checkpoint."""
