@@ -57,6 +57,7 @@ LAYER_DECAY: dict[str, tuple[int, list[float | None]] | None] = {
     "piip_sbl_mae": (24, [2, 2, 1]),
     "piip_sbl_dinov2": (24, [2, 2, 1]),
     "piip_sbl_beitv2": (24, [2, 2, 1]),
+    "piip_sbl_uniperceiver": (24, [2, 2, 1]),
     "piip_tsbl": (24, [2, 2, 2, 1]),
     "piip_h6b": (48, [1.5, 1]),
     "piip_h6b_speedup": (48, [1.5, 1]),

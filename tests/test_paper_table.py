@@ -10,6 +10,9 @@ TOLERANCE = 0.02
 @pytest.mark.parametrize("row", ROWS, ids=lambda r: f"{r.model}-{r.task}-{r.resolution}")
 def test_paper_row_within_two_percent(row):
     params, gflops = count_row(row)
+    if row.expected_gflops is None:  # the README gives no figures: the row is only counted
+        assert row.params_m is None and params > 0 and gflops > 0, (params, gflops, row)
+        return
     assert relative_error(gflops, row.expected_gflops) < TOLERANCE, (gflops, row)
     if row.params_m is not None:
         assert relative_error(params, row.params_m) < TOLERANCE, (params, row)

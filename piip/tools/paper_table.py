@@ -31,11 +31,15 @@ def main() -> None:
     for row in ROWS:
         params, gflops = count_row(row)
         paper_params = f"{row.params_m:g}" if row.params_m is not None else "–"
-        delta = 100 * (gflops - row.expected_gflops) / row.expected_gflops
+        paper_gflops = f"{row.gflops:g}" if row.gflops is not None else "–"
+        if row.expected_gflops is None:
+            delta = f"– ({row.note})"
+        else:
+            delta = f"{100 * (gflops - row.expected_gflops) / row.expected_gflops:+.2f} %"
         note = f" vs recount {row.protocol_gflops:g} ({row.note})" if row.protocol_gflops else ""
         print(
             f"| {row.table} | {row.model} | {row.task} | {row.resolution.replace('_', '/')} | "
-            f"{params:.1f} / {paper_params} | {gflops:.1f} / {row.gflops:g} | {delta:+.2f} %{note} |",
+            f"{params:.1f} / {paper_params} | {gflops:.1f} / {paper_gflops} | {delta}{note} |",
             flush=True,
         )
 

@@ -1,8 +1,9 @@
 """Self-attention over a token grid: global or windowed, through SDPA or flash-attn.
 
 `GridAttention` replaces the attention module inside timm blocks. It takes over the timm module's own
-parameters (`qkv`, `q_norm`, `k_norm`, `proj`, BEiT's `q_bias`/`v_bias`/`relative_position_bias_table`), so
-state-dict keys stay those of timm and pretrained checkpoints load unchanged.
+parameters (`qkv`, `q_norm`, `k_norm`, `proj`, BEiT's `q_bias`/`v_bias`), so state-dict keys stay those of
+timm and pretrained checkpoints load unchanged; BEiT's `relative_position_bias_table` keeps its name but is
+sized for the block's window (the BEiT branch resamples pretrained tables to it on loading).
 
 Blocks pass tokens as a `(B, H, W, C)` grid, which is how the attention learns the grid it needs for
 windows and relative position bias; `(B, N, C)` sequences (with cls tokens) always attend globally.
@@ -100,7 +101,8 @@ class GridAttention(nn.Module):
         self.relative_position_bias_table: nn.Parameter | None = None
         self.rel_pos_window = rel_pos_window
         if rel_pos_window is not None:
-            size = (2 * rel_pos_window - 1) ** 2 + 3  # +3: BEiT's cls-token slots, kept for checkpoint layout
+            # no cls-token rows: upstream's module drops BEiT's 3 extra rows; piip's BEiT has no cls token
+            size = (2 * rel_pos_window - 1) ** 2
             self.relative_position_bias_table = nn.Parameter(torch.zeros(size, num_heads))
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -108,11 +110,15 @@ class GridAttention(nn.Module):
 
     @classmethod
     def from_timm(cls, attn: nn.Module, **kwargs) -> GridAttention:
-        """Build from a timm `Attention` or BEiT `Attention`, adopting its parameters (same key names)."""
+        """Build from a timm `Attention` or BEiT `Attention`, adopting its parameters (same key names).
+
+        A BEiT relative-position table is made anew at the block's own window, as upstream's module holds
+        it (pretrained tables are resampled to it when loaded); a global block keeps the grid timm built.
+        """
         rel_table = getattr(attn, "relative_position_bias_table", None)
         rel_window = None
         if rel_table is not None:
-            rel_window = (math.isqrt(rel_table.shape[0] - 3) + 1) // 2
+            rel_window = kwargs.get("window_size") or (math.isqrt(rel_table.shape[0] - 3) + 1) // 2
         q_norm = getattr(attn, "q_norm", nn.Identity())
         new = cls(
             dim=attn.qkv.in_features,
@@ -128,7 +134,6 @@ class GridAttention(nn.Module):
             new.q_norm, new.k_norm = attn.q_norm, attn.k_norm
         new.q_bias = getattr(attn, "q_bias", None)
         new.v_bias = getattr(attn, "v_bias", None)
-        new.relative_position_bias_table = rel_table
         return new
 
     # -- pieces -------------------------------------------------------------------------------------------
@@ -139,11 +144,15 @@ class GridAttention(nn.Module):
         return F.linear(x, self.qkv.weight, bias)
 
     def _relative_bias(self, height: int, width: int, device: torch.device) -> torch.Tensor | None:
-        """BEiT bias for an h x w window: the pretrained table resampled to (2h-1, 2w-1), then gathered."""
+        """BEiT bias for an h x w window or grid, gathered from the table.
+
+        Windows always match the table. A global block on a grid other than the one its table was made
+        for (upstream cannot run that case) resamples the table bicubically on the fly.
+        """
         if self.relative_position_bias_table is None:
             return None
         size = 2 * self.rel_pos_window - 1
-        table = self.relative_position_bias_table[: size * size].T.reshape(1, self.num_heads, size, size)
+        table = self.relative_position_bias_table.T.reshape(1, self.num_heads, size, size)
         if (2 * height - 1, 2 * width - 1) != (size, size):
             table = F.interpolate(
                 table.float(), size=(2 * height - 1, 2 * width - 1), mode="bicubic", align_corners=False

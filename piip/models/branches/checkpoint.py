@@ -112,10 +112,43 @@ def _hf_clip_to_timm(state_dict: StateDict) -> StateDict:
     return out
 
 
+_UNIPERCEIVER_RENAMES = [
+    (r"^visual_embed\.patch_embed\.proj\.", "patch_embed.proj."),
+    (r"^visual_embed\.patch_embed\.temporal_pos_embed\.weight$", "temporal_pos_embed"),
+    (r"^visual_embed\.embeddings_norm\.", "norm_pre."),
+    (r"^layers\.(\d+)\.self_attn\.in_proj\.", r"blocks.\1.attn.qkv."),
+    (r"^layers\.(\d+)\.self_attn\.out_proj\.", r"blocks.\1.attn.proj."),
+    (r"^layers\.(\d+)\.linear([12])\.", r"blocks.\1.mlp.fc\2."),
+    (r"^layers\.(\d+)\.norm([12])\.", r"blocks.\1.norm\2."),
+    (r"^layers\.(\d+)\.gamma_([12])$", r"blocks.\1.ls\2.gamma"),
+]
+
+
+def uniperceiver_to_timm(state_dict: StateDict) -> StateDict:
+    """Uni-Perceiver (upstream `UnifiedBertEncoder`, whose names the `*_converted.pth` release files use)
+    -> timm `VisionTransformer` names, as the Uni-Perceiver branch holds them.
+
+    `spatial_pos_embed` (an `nn.Embedding` over the 14x14 grid, no cls slot) becomes `pos_embed` (1, N, D);
+    the branch keeps `temporal_pos_embed` (8 frames) beside it, as upstream adds frame 0 to every token.
+    A leading `module.` is dropped, as mmcv's loader does. Keys in neither naming pass unchanged.
+    """
+    out: StateDict = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix("module.")
+        if key == "visual_embed.patch_embed.spatial_pos_embed.weight":
+            out["pos_embed"] = value.unsqueeze(0)
+            continue
+        for pattern, replacement in _UNIPERCEIVER_RENAMES:
+            key = re.sub(pattern, replacement, key)
+        out[key] = value
+    return out
+
+
 CHECKPOINT_FORMATS: dict[str, Callable[[StateDict], StateDict]] = {
     "timm": lambda state_dict: state_dict,
     "internvl": _internvl_to_timm,
     "hf_clip": _hf_clip_to_timm,
+    "uniperceiver": uniperceiver_to_timm,
 }
 
 # What a Hugging Face `save_pretrained` / `huggingface-cli download` folder holds, in the order looked for.
