@@ -96,6 +96,7 @@ def convnext_folder(scratch: Path) -> str:
 
     folder = scratch / "convnext-tiny-fixture"
     config = ConvNextConfig(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 2, 1], layer_scale_init_value=0.5)
+    torch.manual_seed(0)
     ConvNextModel(config).save_pretrained(folder)
     return str(folder)
 
@@ -147,6 +148,31 @@ def cases(code_base: str, scratch: Path) -> dict[str, tuple[str, dict, list[tupl
             branch3=cls_branch(32, 1, 112, "augreg"),
         )
         three = "piip_3branch.PIIPThreeBranch"
+
+        def tiny(dim: int, depth: int, size: int) -> dict:  # conf/branch/tiny_vit_*.yaml in upstream's class
+            kwargs = cls_branch(dim, 2, size, "augreg")
+            indexes = [[0, 0], [1, 1]] if depth == 2 else [[0, 1], [2, 3]]
+            return dict(
+                kwargs,
+                depth=depth,
+                mlp_ratio=2,
+                init_values=None,
+                use_cls_token=False,
+                interaction_indexes=indexes,
+                num_classes=8,
+            )
+
+        # the quick start's model (model=piip_tiny task=shapes) in upstream's layout, for the converter's
+        # end-to-end test: python -m piip.tools.convert … task=shapes
+        shapes = dict(  # widths 32 and depth 2 everywhere (the test says so with overrides): a small file
+            INTERACTION,
+            separate_head=False,
+            num_classes=8,
+            branch1=tiny(32, 2, 32),
+            branch2=tiny(32, 2, 48),
+            branch3=tiny(32, 2, 64),
+        )
+        cases = {"e2e_shapes_piip_tiny": (three, shapes, [(64, 64)])}
         return {
             "cls_3branch_deit_separate_head": (
                 three,
@@ -163,7 +189,7 @@ def cases(code_base: str, scratch: Path) -> dict[str, tuple[str, dict, list[tupl
                 dict(INTERACTION, separate_head=False, num_classes=10, **deits),
                 [SQUARE],
             ),
-        }
+        } | cases  # last: the seeds of the cases above stay as they were
     if code_base == "mmdetection":
         tsb = dict(
             branch1=deit(32, 2, 4, 48, [[0, 1], [2, 3]], windows=[3, None] * 2),
@@ -240,6 +266,7 @@ def pack(state_dict: dict[str, torch.Tensor]) -> dict:
 
 def run_case(modules: dict, class_path: str, kwargs: dict, sizes: list[tuple[int, int]], seed: int) -> dict:
     file, name = class_path.split(".")
+    torch.manual_seed(seed)  # the constructors' own initialisation: the same fixture on every run
     model = getattr(modules[file], name)(**json.loads(json.dumps(kwargs))).eval()
     randomise(model, seed)
     generator = torch.Generator().manual_seed(seed + 1)

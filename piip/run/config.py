@@ -30,6 +30,23 @@ def compose(config_name: str = "flops", overrides: list[str] | None = None) -> D
         return hydra_compose(config_name=config_name, overrides=overrides or [])
 
 
+def compose_run(config_name: str, overrides: list[str] | None = None) -> DictConfig:
+    """Compose as `@hydra.main` would for an application, Hydra's own section set (so `${hydra:…}` values
+    resolve), for tools that compose more than one run config (`piip.tools.convert`). The job's output
+    folder is the working directory: these tools write only the files they are told to."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import flag_override
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose(config_name=config_name, overrides=overrides or [], return_hydra_config=True)
+    with flag_override(cfg, ["readonly", "struct"], [False, False]):
+        cfg.hydra.runtime.output_dir = "."
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in update.items():

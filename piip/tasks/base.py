@@ -207,6 +207,13 @@ class PIIPTask(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.class_names = checkpoint.get("class_names", self.class_names)
 
+    def from_official_heads(
+        self, state: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """An official checkpoint's non-backbone tensors -> this task's keys, and the keys not placed
+        (`piip.run.convert`). The classification heads live in the backbone, so the base task places none."""
+        return {}, sorted(state)
+
     # -- memory estimate ----------------------------------------------------------------------------------
     def probe_loss(self, images: torch.Tensor) -> torch.Tensor:
         """Backbone only.

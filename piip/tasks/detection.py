@@ -48,6 +48,12 @@ class DetectionTask(ValidationHooksForTest, PIIPTask, requires={"head": "pyramid
         self._found: dict[int, dict[str, list[dict]]] = {}  # image id -> COCO entries per iou type
         self._examples: list[np.ndarray] = []
 
+    def from_official_heads(
+        self, state: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """The detector's own official naming (mmdet's for Mask R-CNN)."""
+        return self.detector.from_official(state)
+
     def setup(self, stage: str) -> None:
         self.check_num_classes(self.num_classes, "task.module.num_classes")
 

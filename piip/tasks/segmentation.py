@@ -20,6 +20,7 @@ from torchmetrics import MeanMetric
 
 from piip.errors import ConfigError
 from piip.evaluation.ade20k import IGNORE_INDEX, SegmentationScores
+from piip.models.convert.mmseg_upernet import convert_upernet
 from piip.models.heads.sliding import slide_inference, whole_inference
 from piip.models.heads.upernet import FCNHead, UperNetHead, resize
 from piip.tasks.base import PIIPTask
@@ -80,6 +81,12 @@ class SegmentationTask(PIIPTask, requires={"head": "pyramid"}):
         self.scores = nn.ModuleDict({s: SegmentationScores(num_classes) for s in ("val", "test")})
         self.losses = nn.ModuleDict({s: MeanMetric() for s in ("val", "test")})
         self._examples: list[np.ndarray] = []
+
+    def from_official_heads(
+        self, state: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """mmseg's UPerHead (`decode_head.`) and FCNHead (`auxiliary_head.`)."""
+        return convert_upernet(state)
 
     def setup(self, stage: str) -> None:
         self.check_num_classes(self.hparams.num_classes, "task.module.num_classes")

@@ -55,11 +55,13 @@ class Conversion:
     state_dict: StateDict = field(default_factory=dict)
     unplaced: list[str] = field(default_factory=list)
     unused: dict[str, str] = field(default_factory=dict)
+    passed_through: dict[str, str] = field(default_factory=dict)  # piip key -> the official key it kept
 
     def update(self, other: Conversion) -> None:
         self.state_dict.update(other.state_dict)
         self.unplaced += other.unplaced
         self.unused.update(other.unused)
+        self.passed_through.update(other.passed_through)
 
 
 def convert_backbone(backbone: torch.nn.Module, state: StateDict) -> Conversion:
@@ -146,4 +148,6 @@ def _convert_branch(branch: torch.nn.Module, k: int, official_k: int, tensors: S
             result.unused[f"branch{official_k}.{name}"] = why
         else:
             result.state_dict[f"branches.{k}.{key}"] = value
+            if key in tensors:  # a name the adapter did not rename: if the model lacks it, it is upstream's
+                result.passed_through[f"branches.{k}.{key}"] = f"branch{official_k}.{key}"
     return result

@@ -53,6 +53,13 @@ class Detector(nn.Module, ABC):
         """Float 0-255 images of any sizes: a dict of losses in training, per-image detections (`boxes`,
         `labels`, `scores`, optionally `masks`) at each target's `orig_size` otherwise."""
 
+    def from_official(self, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """An official checkpoint's detector tensors -> the task's `detector.*` keys, and the keys not placed
+        (`piip.run.convert`)."""
+        from piip.errors import CheckpointError
+
+        raise CheckpointError(f"detector {self.name!r} has no official-checkpoint naming")
+
     @abstractmethod
     def probe_loss(self, pyramid: list[torch.Tensor], batch_size: int) -> torch.Tensor:
         """A loss through every head whose cost does not depend on the data, at the heads' largest training

@@ -1,0 +1,205 @@
+"""The official PIIP configs and checkpoints behind piip's experiments (PAPER.md §3, §4.4).
+
+`python -m piip.tools.convert` names the official config of the experiment it converts for, the README's
+"Released checkpoints" table lists these rows, and the conversion test checks every one against the key
+listing that `benchmarks/official/make_fixtures.py` wrote from the official code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+HUB = "https://huggingface.co/OpenGVLab/PIIP/resolve/main"
+
+
+@dataclass(frozen=True)
+class Released:
+    """One piip experiment and the official config (and released checkpoint, if any) it reproduces."""
+
+    experiment: str
+    official_config: str  # path inside github.com/OpenGVLab/PIIP
+    checkpoint: str | None  # download URL; None where only the config was published
+    reported: str  # the paper's figures for the released weights
+
+    @property
+    def config_name(self) -> str:
+        return self.official_config.rsplit("/", 1)[-1].removesuffix(".py")
+
+
+def _det(experiment: str, config: str, reported: str, released: bool = True) -> Released:
+    folder = "convnext" if "regular-fpn" in config else f"{_branches(experiment)}branch"
+    path = f"mmdetection/configs/piip/{folder}/{config}.py"
+    return Released(experiment, path, f"{HUB}/detection/{config}.pth" if released else None, reported)
+
+
+def _branches(experiment: str) -> int:
+    """Upstream files its configs by branch count: the number of resolutions in the experiment's name."""
+    return sum(part.isdigit() for part in experiment.split("_"))
+
+
+def _seg(experiment: str, config: str, reported: str) -> Released:
+    path = f"mmsegmentation/configs/piip/2branch/{config}.py"
+    return Released(experiment, path, f"{HUB}/segmentation/{config}.pth", reported)
+
+
+def _cls(experiment: str, config: str, reported: str) -> Released:
+    return Released(
+        experiment, f"classification/configs/{config}.py", f"{HUB}/classification/{config}.pth", reported
+    )
+
+
+RELEASED: tuple[Released, ...] = (
+    _cls("imagenet_piip_tsb_368_192_128", "piip_3branch_tsb_368-192-128_cls_token_deit1", "top-1 82.1"),
+    _cls("imagenet_piip_sbl_augreg_320_160_96", "piip_3branch_sbl_320-160-96_cls_token_augreg", "top-1 85.2"),
+    _cls(
+        "imagenet_piip_sbl_augreg_384_192_128", "piip_3branch_sbl_384-192-128_cls_token_augreg", "top-1 85.9"
+    ),
+    _det(
+        "coco_piip_tsb_1120_896_448",
+        "mask_rcnn_deit_tsb_1120_896_448_fpn_1x_coco_bs16",
+        "box 43.6, mask 38.7",
+    ),
+    _det(
+        "coco_piip_tsb_1568_896_448",
+        "mask_rcnn_deit_tsb_1568_896_448_fpn_1x_coco_bs16",
+        "box 45.0, mask 40.3",
+    ),
+    _det(
+        "coco_piip_tsb_1568_1120_672",
+        "mask_rcnn_deit_tsb_1568_1120_672_fpn_1x_coco_bs16",
+        "box 46.5, mask 41.3",
+    ),
+    _det(
+        "coco_piip_sbl_1120_672_448",
+        "mask_rcnn_deit_sbl_1120_672_448_fpn_1x_coco_bs16",
+        "box 46.5, mask 40.8",
+    ),
+    _det(
+        "coco_piip_sbl_1344_896_448",
+        "mask_rcnn_deit_sbl_1344_896_448_fpn_1x_coco_bs16",
+        "box 48.3, mask 42.7",
+    ),
+    _det(
+        "coco_piip_sbl_1568_896_672",
+        "mask_rcnn_deit_sbl_1568_896_672_fpn_1x_coco_bs16",
+        "box 49.3, mask 43.7",
+    ),
+    _det(
+        "coco_piip_sbl_1568_1120_672",
+        "mask_rcnn_deit_sbl_1568_1120_672_fpn_1x_coco_bs16",
+        "box 50.0, mask 44.4",
+    ),
+    _det(
+        "coco_piip_tsbl_1344_896_672_448",
+        "mask_rcnn_deit_tsbl_1344_896_672_448_fpn_1x_coco_bs16",
+        "box 47.1, mask 41.9",
+    ),
+    _det(
+        "coco_piip_tsbl_1568_1120_672_448",
+        "mask_rcnn_deit_tsbl_1568_1120_672_448_fpn_1x_coco_bs16",
+        "box 48.2, mask 42.9",
+    ),
+    _det(
+        "coco_piip_tsbl_1792_1568_1120_448",
+        "mask_rcnn_deit_tsbl_1792_1568_1120_448_fpn_1x_coco_bs16",
+        "box 49.4, mask 44.1",
+    ),
+    _det(
+        "coco_piip_h6b_1024_512",
+        "mask_rcnn_internvit_h6b_1024_512_fpn_1x_coco_bs16_ms",
+        "box 55.8, mask 49.0",
+    ),
+    _det(
+        "coco_piip_h6b_speedup_1024_512",
+        "mask_rcnn_internvit_h6b_1024_512_fpn_1x_coco_bs16_ms_speedup",
+        "box 55.6, mask 49.0",
+        released=False,
+    ),
+    _det(
+        "coco_piip_lh6b_1536_1024_512",
+        "mask_rcnn_internvit_lh6b_1536_1024_512_fpn_1x_coco_bs32_ms",
+        "not in the paper's tables",
+        released=False,
+    ),
+    _det(
+        "coco_piip_sbl_augreg_1568_1120_672",
+        "mask_rcnn_augreg_sbl_1568_1120_672_fpn_1x_coco_bs16",
+        "box 48.3, mask 42.6",
+    ),
+    _det(
+        "coco_piip_sbl_augreg_speedup_1568_1120_672",
+        "mask_rcnn_augreg_sbl_1568_1120_672_fpn_1x_coco_bs16_speedup",
+        "box 48.1, mask 42.4",
+        released=False,
+    ),
+    _det(
+        "coco_piip_sbl_mae_1568_1120_672",
+        "mask_rcnn_mae_sbl_1568_1120_672_fpn_1x_coco_bs16",
+        "box 49.1, mask 43.0",
+    ),
+    _det(
+        "coco_piip_sbl_dinov2_1568_1120_672",
+        "mask_rcnn_dinov2_sbl_1568_1120_672_fpn_1x_coco_bs16",
+        "box 51.0, mask 44.7",
+    ),
+    _det(
+        "coco_piip_sbl_beitv2_1568_1120_672",
+        "mask_rcnn_beit_sbl_1568_1120_672_fpn_1x_coco_bs16",
+        "box 51.8, mask 45.4",
+    ),
+    _det(
+        "coco_piip_sbl_uniperceiver_1568_1120_672",
+        "mask_rcnn_uniperceiver_sbl_1568_1120_672_fpn_1x_coco_bs16",
+        "box 48.8, mask 42.9",
+    ),
+    _det(
+        "coco_piip_ct_cs_cb_1024_672_448",
+        "mask_rcnn_convnext-tsb_1024_672_448_regular-fpn",
+        "box 46.4, mask 41.7",
+    ),
+    _det(
+        "coco_piip_ct_vs_vb_1024_672_448",
+        "mask_rcnn_convnext-t_vit-s_vit-b_1024_672_448_regular-fpn",
+        "box 47.1, mask 42.4",
+        released=False,
+    ),
+    _det(
+        "coco_piip_ct_cs_vb_1024_672_448",
+        "mask_rcnn_convnext-t_convnext-s_vit-b_1024_672_448_regular-fpn",
+        "box 46.8, mask 42.2",
+        released=False,
+    ),
+    _det(
+        "coco_piip_ct_vs_cb_1024_672_448",
+        "mask_rcnn_convnext-t_vit-s_convnext-b_1024_672_448_regular-fpn",
+        "box 46.7, mask 42.0",
+        released=False,
+    ),
+    _det(
+        "coco_piip_vt_cs_vb_1024_672_448",
+        "mask_rcnn_vit-t_convnext-s_vit-b_1024_672_448_regular-fpn",
+        "box 45.4, mask 40.9",
+        released=False,
+    ),
+    _det(
+        "coco_piip_vt_cs_cb_1024_672_448",
+        "mask_rcnn_vit-t_convnext-s_convnext-b_1024_672_448_regular-fpn",
+        "box 45.2, mask 40.7",
+        released=False,
+    ),
+    _det(
+        "coco_piip_vt_vs_cb_1024_672_448",
+        "mask_rcnn_vit-t_vit-s_convnext-b_1024_672_448_regular-fpn",
+        "box 44.8, mask 40.3",
+        released=False,
+    ),
+    _seg("ade20k_piip_h6b_512_192", "upernet_internvit_h6b_192_512_80k_ade20k_bs16_lr4e-5", "mIoU 57.81"),
+    _seg("ade20k_piip_h6b_512_256", "upernet_internvit_h6b_256_512_80k_ade20k_bs16_lr4e-5", "mIoU 58.35"),
+    _seg("ade20k_piip_h6b_512_384", "upernet_internvit_h6b_384_512_80k_ade20k_bs16_lr4e-5", "mIoU 59.32"),
+    _seg("ade20k_piip_h6b_512_512", "upernet_internvit_h6b_512_512_80k_ade20k_bs16_lr4e-5", "mIoU 59.85"),
+)
+BY_EXPERIMENT = {r.experiment: r for r in RELEASED}
+
+
+def for_experiment(name: str | None) -> Released | None:
+    return BY_EXPERIMENT.get(name or "")
