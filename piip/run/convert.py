@@ -79,13 +79,9 @@ def read_official(path: str | Path, trust_pickle: bool = False) -> StateDict:
 
 
 def convert_state(task: PIIPTask, state: StateDict) -> Conversion:
-    """Every official key -> the task's names. Detection and segmentation checkpoints hold the backbone under
-    `backbone.` next to their heads; classification checkpoints are the backbone itself."""
-    if any(k.startswith("backbone.") for k in state):
-        backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
-        heads = {k: v for k, v in state.items() if not k.startswith("backbone.")}
-    else:
-        backbone, heads = state, {}
+    """Every official key -> the task's names: the task says which official keys are its backbone's
+    (`split_official`), the backbone converter renames those, the task renames the rest."""
+    backbone, heads = task.split_official(state)
     result = convert_backbone(task.backbone, backbone)
     result.state_dict = {f"backbone.{k}": v for k, v in result.state_dict.items()}
     result.unplaced = [f"backbone.{k}" if k in backbone else k for k in result.unplaced]

@@ -207,6 +207,18 @@ class PIIPTask(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.class_names = checkpoint.get("class_names", self.class_names)
 
+    def split_official(
+        self, state: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """An official checkpoint's backbone tensors (names relative to the backbone) and the rest.
+
+        mmdet/mmseg checkpoints hold the backbone under `backbone.` beside their heads; the classification
+        code's checkpoints are the backbone itself."""
+        if not any(k.startswith("backbone.") for k in state):
+            return dict(state), {}
+        backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+        return backbone, {k: v for k, v in state.items() if not k.startswith("backbone.")}
+
     def from_official_heads(
         self, state: dict[str, torch.Tensor]
     ) -> tuple[dict[str, torch.Tensor], list[str]]:
