@@ -122,13 +122,29 @@ def candidate_models(cfg: DictConfig) -> list[str]:
     return [name] + ([variant] if (CONF_DIR / "model" / f"{variant}.yaml").is_file() else [])
 
 
+def official_semantics(cfg: DictConfig) -> list[str]:
+    """Overrides that make the converted model compute what the official one computed.
+
+    - Upstream's per-branch classification heads read the first patch token, not the cls token (PAPER.md
+      §7.2): the released ImageNet weights were trained that way, so their conversion classifies the same.
+    - The EMA copy of classification runs is a training aid; official checkpoints convert without it.
+    """
+    extra = []
+    if OmegaConf.select(cfg, "task.backbone.classifier") == "per_branch":
+        extra.append("task.backbone.classifier_token=first_patch")
+    if OmegaConf.select(cfg, "task.optim.ema_decay"):
+        extra.append("task.optim.ema_decay=null")
+    for override in extra:
+        log.info("converting with %s (as the official model computes)", override)
+    return extra
+
+
 def match(state: StateDict, overrides: list[str]) -> tuple[DictConfig, PIIPTask, Conversion]:
     """The run config, task (on meta) and converted tensors of the first candidate model that `state` fits
     exactly; a `CheckpointError` listing the problems of each candidate otherwise."""
     cfg = compose_run("train", overrides)
-    if OmegaConf.select(cfg, "task.optim.ema_decay"):  # the EMA copy is a training aid, not released weights
-        overrides = [*overrides, "task.optim.ema_decay=null"]
-        cfg = compose_run("train", overrides)
+    overrides = [*overrides, *official_semantics(cfg)]
+    cfg = compose_run("train", overrides)
     attempts: dict[str, list[str]] = {}
     for model in candidate_models(cfg):
         run = cfg if model == cfg.model.name else compose_run("train", [*overrides, f"model={model}"])

@@ -6,7 +6,7 @@
 SRC: the file as released (mmdet/mmseg `state_dict`, the classification code's `model`, a DeepSpeed
 `mp_rank_00_model_states.pt` or its folder). The other arguments compose the run as `train.py` would; the
 checkpoint must fit that model exactly (every key placed, every shape equal), or nothing is written and the
-mismatches are listed. OUT is then used as it is: `python evaluate.py ckpt_path=OUT task.data.root=…`,
+mismatches are listed. OUT is then used as it is: `python evaluate.py ckpt_path=OUT data.root=…`,
 `python train.py … init_from=OUT`, `python -m piip.tools.predict ckpt_path=OUT image=…`.
 """
 
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"official config: {report.official_config}")
     for key, why in sorted(report.unused.items()):
         print(f"not used by the official model either: {key} ({why})")
-    print(f"next: python evaluate.py ckpt_path={report.out} task.data.root=/path/to/data")
+    print(f"next: python evaluate.py ckpt_path={report.out} data.root=/path/to/data")
     return 0
 
 
