@@ -1,15 +1,20 @@
 """Mask R-CNN after the backbone, from torchvision parts: FPN neck, RPN and RoI heads (PAPER.md §1.7, §3.3).
 
-The defaults are mmdet 2.x `mask_rcnn_r50_fpn` 1x, which every released PIIP detection config uses. Two
-differences from torchvision's own `maskrcnn_resnet50_fpn`: at most 1000 proposals per image after the
-RPN's NMS in training (torchvision keeps 2000), and the backbone is referenced, not registered
-(`piip.models.heads.detector`): the task owns one copy of it under one name for every task (layer-wise
-lr decay and checkpoint conversion see `backbone.*`). Remaining differences (smooth-L1 instead of
-L1 box losses, RoIAlign `sampling_ratio=2` instead of adaptive) are torchvision's and are kept.
+The defaults are mmdet 2.x `mask_rcnn_r50_fpn` 1x, which every released PIIP detection config uses, and
+`flavour: mmdet` (the default) computes what mmdet computes, so a converted mmdet checkpoint gives mmdet's
+detections: unrounded anchors, mmdet's box coder, assigner, RoI level mapping and aligned RoIAlign, L1 box
+losses, binary mask targets, rescaling before the class-wise NMS and `grid_sample` mask pasting
+(`piip.models.heads.mmdet_rcnn`), and mmdet's initialisation of the FPN and box head. The modules and
+parameter names are torchvision's in both flavours (background is class 0; the converter permutes mmdet's
+rows). `flavour: torchvision` keeps torchvision's own behaviour (rounded anchors, smooth-L1, RoIAlign with 2
+samples, `paste_masks_in_image`).
+
+The backbone is referenced, not registered (`piip.models.heads.detector`): the task owns one copy of it
+under one name for every task (layer-wise lr decay and checkpoint conversion see `backbone.*`).
 
 Images arrive already resized (by the data pipeline, as in mmdet); `ImageBatcher` only normalises and pads
-them to a common size divisible by `size_divisible`, and `postprocess` maps predictions back to the
-stored image size (`orig_size` of each target) so they can be evaluated against the annotation file.
+them to a common size divisible by `size_divisible`, and predictions come back at the stored image size
+(`orig_size` of each target) so they can be evaluated against the annotation file.
 """
 
 from __future__ import annotations
@@ -31,9 +36,13 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from piip.errors import ConfigError
+from piip.models.convert.mmdet_rcnn import convert_mask_rcnn
 from piip.models.heads.detector import Detector
+from piip.models.heads.mmdet_ops import STRIDES, MMDetAnchorGenerator, MMDetRoIAlign
+from piip.models.heads.mmdet_rcnn import MMDetRoIHeads, MMDetRPN
 
 LEVELS = ("0", "1", "2", "3")  # strides 4, 8, 16, 32; the FPN adds "pool" (stride 64)
+FLAVOURS = ("mmdet", "torchvision")
 
 
 @dataclass
@@ -60,6 +69,7 @@ class MaskRCNNConfig:
     box_score_thresh: float = 0.05
     box_nms_thresh: float = 0.5
     box_detections_per_img: int = 100
+    flavour: str = "mmdet"  # mmdet 2.x's formulas and losses, or torchvision's own (see the module doc)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> MaskRCNNConfig:
@@ -75,6 +85,10 @@ class MaskRCNNConfig:
             raise ConfigError(
                 f"task.module.detector.anchor_sizes: expected {len(LEVELS) + 1} sizes (levels stride 4-64), "
                 f"got {config.anchor_sizes}"
+            )
+        if config.flavour not in FLAVOURS:
+            raise ConfigError(
+                f"task.module.detector.flavour: expected one of {list(FLAVOURS)}, got {config.flavour!r}"
             )
         return config
 
@@ -120,24 +134,10 @@ class MaskRCNN(Detector):
         c = config
         self.batcher = ImageBatcher(c.image_mean, c.image_std, c.size_divisible)
         self.neck = PyramidNeck(backbone.pyramid.out_channels, c.fpn_channels)
-        anchors = AnchorGenerator(
-            tuple((s,) for s in c.anchor_sizes), (tuple(c.aspect_ratios),) * len(c.anchor_sizes)
-        )
-        self.rpn = RegionProposalNetwork(
-            anchors,
-            RPNHead(c.fpn_channels, anchors.num_anchors_per_location()[0]),
-            fg_iou_thresh=0.7,
-            bg_iou_thresh=0.3,
-            batch_size_per_image=c.rpn_batch_size_per_image,
-            positive_fraction=c.rpn_positive_fraction,
-            pre_nms_top_n={"training": c.rpn_pre_nms_top_n_train, "testing": c.rpn_pre_nms_top_n_test},
-            post_nms_top_n={"training": c.rpn_post_nms_top_n_train, "testing": c.rpn_post_nms_top_n_test},
-            nms_thresh=c.rpn_nms_thresh,
-        )
-        box_pool = MultiScaleRoIAlign(list(LEVELS), output_size=7, sampling_ratio=2)
-        mask_pool = MultiScaleRoIAlign(list(LEVELS), output_size=14, sampling_ratio=2)
-        self.roi_heads = RoIHeads(
-            box_roi_pool=box_pool,
+        self.mmdet = c.flavour == "mmdet"
+        self.rpn = (mmdet_rpn if self.mmdet else torchvision_rpn)(c)
+        self.roi_heads = (MMDetRoIHeads if self.mmdet else RoIHeads)(
+            box_roi_pool=roi_pool(7, self.mmdet),
             box_head=TwoMLPHead(c.fpn_channels * 7 * 7, c.box_head_dim),
             box_predictor=FastRCNNPredictor(c.box_head_dim, num_classes + 1),
             fg_iou_thresh=0.5,
@@ -148,10 +148,13 @@ class MaskRCNN(Detector):
             score_thresh=c.box_score_thresh,
             nms_thresh=c.box_nms_thresh,
             detections_per_img=c.box_detections_per_img,
-            mask_roi_pool=mask_pool,
+            mask_roi_pool=roi_pool(14, self.mmdet),
             mask_head=MaskRCNNHeads(c.fpn_channels, [c.mask_head_channels] * 4, dilation=1),
             mask_predictor=MaskRCNNPredictor(c.mask_head_channels, c.mask_head_channels, num_classes + 1),
+            **({"size_divisible": c.size_divisible} if self.mmdet else {}),
         )
+        if self.mmdet:
+            init_like_mmdet(self)
 
     @classmethod
     def from_config(cls, backbone: nn.Module, num_classes: int, config: dict[str, Any]) -> MaskRCNN:
@@ -174,10 +177,19 @@ class MaskRCNN(Detector):
         batch, targets = self.batcher(images, targets)
         features = self.neck(self.backbone(batch.tensors).pyramid)
         proposals, rpn_losses = self.rpn(batch, features, targets)
-        detections, roi_losses = self.roi_heads(features, proposals, batch.image_sizes, targets)
+        sizes = [tuple(s) for s in original]
+        if self.mmdet:  # detections come back at `sizes` already
+            detections, roi_losses = self.roi_heads(features, proposals, batch.image_sizes, targets, sizes)
+        else:
+            detections, roi_losses = self.roi_heads(features, proposals, batch.image_sizes, targets)
         if self.training:
             return {**rpn_losses, **roi_losses}
-        return self.batcher.postprocess(detections, batch.image_sizes, [tuple(s) for s in original])
+        return detections if self.mmdet else self.batcher.postprocess(detections, batch.image_sizes, sizes)
+
+    def from_official(self, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """mmdet 2.x's head names (`neck.`, `rpn_head.`, `roi_head.`) -> `detector.*`, classes reordered; the
+        detections are mmdet's with `flavour: mmdet` only."""
+        return convert_mask_rcnn(state)
 
     def pad(self, images: list[torch.Tensor]) -> ImageList:
         """The normalised, padded batch the backbone sees (for counting and checks)."""
@@ -200,6 +212,59 @@ class MaskRCNN(Detector):
         mask_logits = roi.mask_predictor(roi.mask_head(mask_features))
         outputs = [*objectness, *deltas, scores, regression, mask_logits]
         return sum(t.float().mean() for t in outputs)
+
+
+def mmdet_rpn(c: MaskRCNNConfig) -> MMDetRPN:
+    anchors = MMDetAnchorGenerator(c.anchor_sizes, c.aspect_ratios, STRIDES)
+    return MMDetRPN(
+        anchors,
+        RPNHead(c.fpn_channels, anchors.num_anchors_per_location()[0]),
+        batch_size_per_image=c.rpn_batch_size_per_image,
+        positive_fraction=c.rpn_positive_fraction,
+        pre_nms_top_n={"training": c.rpn_pre_nms_top_n_train, "testing": c.rpn_pre_nms_top_n_test},
+        post_nms_top_n={"training": c.rpn_post_nms_top_n_train, "testing": c.rpn_post_nms_top_n_test},
+        nms_thresh=c.rpn_nms_thresh,
+        size_divisible=c.size_divisible,
+    )
+
+
+def torchvision_rpn(c: MaskRCNNConfig) -> RegionProposalNetwork:
+    anchors = AnchorGenerator(
+        tuple((s,) for s in c.anchor_sizes), (tuple(c.aspect_ratios),) * len(c.anchor_sizes)
+    )
+    return RegionProposalNetwork(
+        anchors,
+        RPNHead(c.fpn_channels, anchors.num_anchors_per_location()[0]),
+        fg_iou_thresh=0.7,
+        bg_iou_thresh=0.3,
+        batch_size_per_image=c.rpn_batch_size_per_image,
+        positive_fraction=c.rpn_positive_fraction,
+        pre_nms_top_n={"training": c.rpn_pre_nms_top_n_train, "testing": c.rpn_pre_nms_top_n_test},
+        post_nms_top_n={"training": c.rpn_post_nms_top_n_train, "testing": c.rpn_post_nms_top_n_test},
+        nms_thresh=c.rpn_nms_thresh,
+    )
+
+
+def roi_pool(size: int, mmdet: bool) -> MultiScaleRoIAlign:
+    if mmdet:
+        return MMDetRoIAlign(list(LEVELS), size, STRIDES[: len(LEVELS)])
+    return MultiScaleRoIAlign(list(LEVELS), output_size=size, sampling_ratio=2)
+
+
+def init_like_mmdet(detector: MaskRCNN) -> None:
+    """mmdet's init where torchvision's differs: Xavier-uniform FPN convs and shared FCs, N(0, 0.01) class
+    and N(0, 0.001) box layers, zero biases (the RPN head and mask head already match)."""
+    xavier = [m for m in detector.neck.modules() if isinstance(m, nn.Conv2d)]
+    xavier += [detector.roi_heads.box_head.fc6, detector.roi_heads.box_head.fc7]
+    for layer in xavier:
+        nn.init.xavier_uniform_(layer.weight)
+        nn.init.zeros_(layer.bias)
+    predictor = detector.roi_heads.box_predictor
+    for layer, std in ((predictor.cls_score, 0.01), (predictor.bbox_pred, 0.001)):
+        nn.init.normal_(layer.weight, std=std)
+        nn.init.zeros_(layer.bias)
+    nn.init.zeros_(detector.roi_heads.mask_predictor.conv5_mask.bias)
+    nn.init.zeros_(detector.roi_heads.mask_predictor.mask_fcn_logits.bias)
 
 
 def check_size_divisible(backbone: nn.Module, divisor: int) -> None:
