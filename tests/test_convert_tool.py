@@ -65,9 +65,7 @@ def test_unknown_official_keys_are_listed(official, tmp_path, capsys) -> None:
     state = unpack(record["state_dict"]) | {"branch1.extra_norm.weight": torch.ones(32)}
     torch.save({"model": state}, tmp_path / "extra.pth")
     assert main([str(tmp_path / "extra.pth"), str(tmp_path / "out.ckpt"), *TINY]) == 1
-    assert (
-        "official key with no place in piip: backbone.branch1.extra_norm.weight" in capsys.readouterr().err
-    )
+    assert "official key with no place in piip: backbone.branch1.extra_norm.weight" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("layout", ["state_dict", "model", "module", "deepspeed_folder", "plain"])

@@ -143,8 +143,10 @@ def match(state: StateDict, overrides: list[str]) -> tuple[DictConfig, PIIPTask,
     """The run config, task (on meta) and converted tensors of the first candidate model that `state` fits
     exactly; a `CheckpointError` listing the problems of each candidate otherwise."""
     cfg = compose_run("train", overrides)
-    overrides = [*overrides, *official_semantics(cfg)]
-    cfg = compose_run("train", overrides)
+    extra = official_semantics(cfg)
+    if extra:
+        overrides = [*overrides, *extra]
+        cfg = compose_run("train", overrides)
     attempts: dict[str, list[str]] = {}
     for model in candidate_models(cfg):
         run = cfg if model == cfg.model.name else compose_run("train", [*overrides, f"model={model}"])

@@ -1,0 +1,48 @@
+"""Every released experiment converts an official-layout state dict of its exact key names and shapes (the
+listings `benchmarks/official/make_fixtures.py` wrote from the official code) with nothing left over."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from piip.run.convert import match
+from piip.run.released import HUB, RELEASED
+from tests.official_fixtures import FIXTURES
+
+
+def official_state(config_name: str) -> dict[str, torch.Tensor]:
+    listing = json.loads(gzip.decompress((FIXTURES / "listings" / f"{config_name}.json.gz").read_bytes()))
+    return {key: torch.empty(shape, device="meta") for key, shape in listing["keys"].items()}
+
+
+def test_every_listing_belongs_to_an_experiment() -> None:
+    listed = {p.name.removesuffix(".json.gz") for p in (FIXTURES / "listings").glob("*.json.gz")}
+    assert listed == {r.config_name for r in RELEASED}
+
+
+@pytest.mark.parametrize("released", RELEASED, ids=[r.experiment for r in RELEASED])
+def test_released_config_converts_every_key(released) -> None:
+    state = official_state(released.config_name)
+    run, task, conversion = match(state, [f"experiment={released.experiment}", "logger=none"])
+    assert conversion.unplaced == []
+    assert sorted(conversion.state_dict) == sorted(task.state_dict())
+    if released.experiment.startswith("imagenet"):  # upstream's separate heads read the first patch token
+        assert run.task.backbone.classifier_token == "first_patch" and not run.task.optim.ema_decay
+    # what upstream holds but never reads: cls-token position slots, ConvNeXt's pooled-output norm, and
+    # BEiT's index buffers (piip derives the same index)
+    unread = ("pos_embed[:, 0]", ".convnext_model.layernorm.", "relative_position_index")
+    assert [k for k in conversion.unused if not any(part in k for part in unread)] == []
+
+
+def test_readme_lists_every_released_checkpoint() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Released checkpoints", 1)[1].split("\n## ", 1)[0]
+    for released in RELEASED:
+        if released.checkpoint is not None:
+            file = released.checkpoint.removeprefix(HUB + "/")
+            assert f"| `{released.experiment}` | `{file}` |" in section, released.experiment
