@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from piip.run.convert import match
-from piip.run.released import HUB, RELEASED
+from piip.run.released import HUB, RELEASED, RELEASED_LLAVA
 from tests.official_fixtures import FIXTURES
 
 
@@ -46,3 +46,6 @@ def test_readme_lists_every_released_checkpoint() -> None:
         if released.checkpoint is not None:
             file = released.checkpoint.removeprefix(HUB + "/")
             assert f"| `{released.experiment}` | `{file}` |" in section, released.experiment
+    for released in RELEASED_LLAVA:  # Hugging Face repositories
+        repository = released.checkpoint.rsplit("/", 1)[-1]
+        assert f"| `{released.experiment}` | `{repository}` |" in section, released.experiment

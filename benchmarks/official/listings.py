@@ -20,7 +20,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from official_imports import load  # noqa: E402
+from official_imports import load, sequential_downsampling  # noqa: E402
 
 # Released configs per code base (PAPER.md §3.3-3.5); DINO backbones belong to the DINO issue.
 CONFIG_GLOBS = {
@@ -64,14 +64,9 @@ def _no_downloads(modules: dict) -> None:
         def from_pretrained(name: str, **kwargs):
             size = next(k for k in CONVNEXT_SIZES if k in name)
             hidden, depths = CONVNEXT_SIZES[size]
-            model = ConvNextModel(ConvNextConfig(hidden_sizes=hidden, depths=depths, **kwargs))
-            for stage in model.encoder.stages:  # as make_fixtures.sequential_downsampling
-                layers = stage.downsampling_layer
-                if isinstance(layers, torch.nn.ModuleList):
-                    stage.downsampling_layer = (
-                        torch.nn.Sequential(*layers) if len(layers) else torch.nn.Identity()
-                    )
-            return model
+            return sequential_downsampling(
+                ConvNextModel(ConvNextConfig(hidden_sizes=hidden, depths=depths, **kwargs))
+            )
 
     module.ConvNextModel = Offline
 

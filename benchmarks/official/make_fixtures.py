@@ -21,7 +21,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from official_imports import CODE_BASES, load  # noqa: E402
+from official_imports import CODE_BASES, load, sequential_downsampling  # noqa: E402
 
 DEFAULT_OUT = HERE.parents[1] / "tests/fixtures/official"
 
@@ -101,9 +101,8 @@ def convnext_folder(scratch: Path) -> str:
     return str(folder)
 
 
-def sequential_downsampling(modules: dict) -> None:
-    """Recent transformers hold ConvNeXt's downsampling layer in a ModuleList; the official wrapper (written
-    for transformers 4.3x) asserts a Sequential. Same children, same keys, same forward."""
+def patch_convnext_loading(modules: dict) -> None:
+    """The official ConvNeXt wrapper, fed by today's transformers (see `sequential_downsampling`)."""
     wrapper = vars(modules["piip_3branch"]).get("ConvNextHFWrapper")
     if wrapper is None:
         return
@@ -113,14 +112,7 @@ def sequential_downsampling(modules: dict) -> None:
     class ConvNextModel(original):  # noqa: D101 - a loader shim only
         @classmethod
         def from_pretrained(cls, *args, **kwargs):
-            model = original.from_pretrained(*args, **kwargs)
-            for stage in model.encoder.stages:
-                layers = stage.downsampling_layer
-                if isinstance(layers, torch.nn.ModuleList):
-                    stage.downsampling_layer = (
-                        torch.nn.Sequential(*layers) if len(layers) else torch.nn.Identity()
-                    )
-            return model
+            return sequential_downsampling(original.from_pretrained(*args, **kwargs))
 
     module.ConvNextModel = ConvNextModel
 
@@ -290,7 +282,7 @@ def write_cases(official: Path, code_base: str, out: Path) -> None:
 
     modules = load(official, code_base)
     if code_base == "mmdetection":
-        sequential_downsampling(modules)
+        patch_convnext_loading(modules)
     with tempfile.TemporaryDirectory() as scratch:
         for seed, (name, (class_path, kwargs, sizes)) in enumerate(cases(code_base, Path(scratch)).items()):
             record = run_case(modules, class_path, kwargs, sizes, seed)

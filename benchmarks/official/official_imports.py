@@ -137,3 +137,14 @@ def load(official: Path, code_base: str) -> dict[str, types.ModuleType]:
         modules[name] = importlib.import_module(f"{alias}.{name}")
     _skip_pretrained_files(modules)
     return modules
+
+
+def sequential_downsampling(model: nn.Module) -> nn.Module:
+    """Recent transformers hold ConvNeXt's downsampling layers in ModuleLists (empty for stage 0); the
+    official wrapper (written for transformers 4.3x) expects a Sequential or an Identity. Same children,
+    same keys, same forward."""
+    for stage in model.encoder.stages:
+        layers = stage.downsampling_layer
+        if isinstance(layers, nn.ModuleList):
+            stage.downsampling_layer = nn.Sequential(*layers) if len(layers) else nn.Identity()
+    return model

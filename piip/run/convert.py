@@ -23,6 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from piip.data.files import write_torch
 from piip.errors import CheckpointError
+from piip.models.branches.base import UNUSED_BY_OFFICIAL
+from piip.models.branches.checkpoint import HF_INDEX_FILES, HF_WEIGHT_FILES, read_state_dict
 from piip.models.convert.official import Conversion, convert_backbone
 from piip.run.build import build_task, run_config
 from piip.run.config import CONF_DIR, backbone_dict, compose_run
@@ -46,13 +48,21 @@ class ConversionReport:
 
 
 def read_official(path: str | Path, trust_pickle: bool = False) -> StateDict:
-    """The tensors of an official checkpoint, unwrapped and without DeepSpeed's `module.` prefix."""
+    """The tensors of an official checkpoint, unwrapped and without DeepSpeed's `module.` prefix; a Hugging
+    Face folder (PIIP-LLaVA's releases: safetensors, possibly sharded) or `.safetensors` file as stored."""
     path = Path(path)
+    hf_folder = path.is_dir() and any((path / n).is_file() for n in HF_WEIGHT_FILES + HF_INDEX_FILES)
+    if hf_folder or (path.is_file() and path.suffix == ".safetensors"):
+        try:
+            return read_state_dict(path)
+        except (ValueError, OSError) as err:
+            raise CheckpointError(f"{path}: {err}") from err
     if path.is_dir():
         found = sorted(path.rglob(DEEPSPEED_FILE))
         if not found:
             raise CheckpointError(
-                f"{path}: a folder without {DEEPSPEED_FILE} (expected a DeepSpeed checkpoint)"
+                f"{path}: a folder without {DEEPSPEED_FILE} (a DeepSpeed checkpoint) or Hugging Face weights "
+                f"({', '.join(HF_WEIGHT_FILES + HF_INDEX_FILES)})"
             )
         path = found[-1]
     if not path.is_file():
@@ -88,7 +98,12 @@ def convert_state(task: PIIPTask, state: StateDict) -> Conversion:
     result.unused = {f"backbone.{k}": why for k, why in result.unused.items()}
     result.passed_through = {f"backbone.{k}": f"backbone.{v}" for k, v in result.passed_through.items()}
     placed, unplaced = task.from_official_heads(heads)
-    result.state_dict.update(placed)
+    for key, value in placed.items():
+        if key.startswith(UNUSED_BY_OFFICIAL):  # a head tensor upstream never reads, with the reason
+            name, _, why = key.removeprefix(UNUSED_BY_OFFICIAL).partition("|")
+            result.unused[name] = why
+        else:
+            result.state_dict[key] = value
     result.unplaced += unplaced
     return result
 

@@ -2,7 +2,8 @@
 
 `python -m piip.tools.convert` names the official config of the experiment it converts for, the README's
 "Released checkpoints" table lists these rows, and the conversion test checks every one against the key
-listing that `benchmarks/official/make_fixtures.py` wrote from the official code.
+listing that `benchmarks/official/make_fixtures.py` wrote from the official code (PIIP-LLaVA:
+`RELEASED_LLAVA`, listings by `benchmarks/official/llava_fixtures.py`, tests/test_convert_released_llava.py).
 """
 
 from __future__ import annotations
@@ -198,7 +199,80 @@ RELEASED: tuple[Released, ...] = (
     _seg("ade20k_piip_h6b_512_384", "upernet_internvit_h6b_384_512_80k_ade20k_bs16_lr4e-5", "mIoU 59.32"),
     _seg("ade20k_piip_h6b_512_512", "upernet_internvit_h6b_512_512_80k_ade20k_bs16_lr4e-5", "mIoU 59.85"),
 )
-BY_EXPERIMENT = {r.experiment: r for r in RELEASED}
+
+# PIIP-LLaVA (PAPER.md §3.6, §6.5): Hugging Face folders in LLaVA's `LlavaLlamaForCausalLM` layout (vision
+# tower, projector and Vicuna in one model). Kept apart from RELEASED: converting them needs a Vicuna-shaped
+# language model folder (`paths.pretrained_dir`), and their checkpoints are repositories, not files under HUB.
+LLAVA_HUB = "https://huggingface.co/OpenGVLab"
+LLAVA_BENCHMARKS = ("MMB-EN", "MMVet", "TextVQA", "SQA-I", "GQA", "VQAv2", "SEED-I", "POPE")
+
+
+def _llava(experiment: str, config: str, repo: str, scores: tuple[float, ...]) -> Released:
+    """`scores`: the README's eight benchmark numbers, then their average."""
+    *numbers, average = scores
+    reported = ", ".join(f"{b} {n:.1f}" for b, n in zip(LLAVA_BENCHMARKS, numbers, strict=True))
+    return Released(
+        experiment, f"llava/configs/{config}.py", f"{LLAVA_HUB}/{repo}", f"{reported} (avg {average:.1f})"
+    )
+
+
+RELEASED_LLAVA: tuple[Released, ...] = (
+    _llava(
+        "llava_piip_clip_bl_512_256_7b",
+        "piip-llava_clip-bl_512-256_7B",
+        "PIIP-LLaVA_CLIP-BL_512-256_7B",
+        (63.8, 32.0, 57.9, 68.8, 62.8, 79.1, 67.3, 86.5, 64.8),
+    ),
+    _llava(
+        "llava_piip_cnxb_clipl_640_224_7b",
+        "piip-llava_convnext-b_clip-l_640-224_7B",
+        "PIIP-LLaVA_ConvNeXt-B_CLIP-L_640-224_7B",
+        (64.5, 31.9, 59.0, 68.3, 62.1, 79.9, 67.5, 86.5, 65.0),
+    ),
+    _llava(
+        "llava_piip_clip_bl_512_448_7b",
+        "piip-llava_clip-bl_512-448_7B",
+        "PIIP-LLaVA_CLIP-BL_512-448_7B",
+        (66.2, 30.5, 59.5, 68.0, 63.7, 80.3, 69.0, 87.3, 65.6),
+    ),
+    _llava(
+        "llava_piip_cnxb_clipl_1024_336_7b",
+        "piip-llava_convnext-b_clip-l_1024-336_7B",
+        "PIIP-LLaVA_ConvNeXt-B_CLIP-L_1024-336_7B",
+        (67.5, 31.5, 63.1, 68.1, 62.7, 81.1, 69.0, 87.9, 66.4),
+    ),
+    _llava(
+        "llava_piip_cnxl_clipl_1024_336_7b",
+        "piip-llava_convnext-l_clip-l_1024-336_7B",
+        "PIIP-LLaVA_ConvNeXt-L_CLIP-L_1024-336_7B",
+        (67.0, 31.4, 67.1, 68.3, 63.9, 81.5, 69.4, 88.2, 67.1),
+    ),
+    _llava(
+        "llava_plus_piip_cnxl_clipl_1024_336_7b",
+        "piip-llava-plus_convnext-l_clip-l_1024-336_7B",
+        "PIIP-LLaVA-Plus_ConvNeXt-L_CLIP-L_1024-336_7B",
+        (74.5, 44.7, 73.0, 95.0, 62.9, 82.3, 72.1, 87.5, 74.0),
+    ),
+    _llava(
+        "llava_piip_clip_bl_512_448_13b",
+        "piip-llava_clip-bl_512-448_13B",
+        "PIIP-LLaVA_CLIP-BL_512-448_13B",
+        (67.6, 36.1, 61.6, 71.0, 64.5, 81.2, 69.5, 87.2, 67.3),
+    ),
+    _llava(
+        "llava_piip_cnxb_clipl_1024_336_13b",
+        "piip-llava_convnext-b_clip-l_1024-336_13B",
+        "PIIP-LLaVA_ConvNeXt-B_CLIP-L_1024-336_13B",
+        (68.5, 37.7, 64.2, 71.1, 64.2, 81.8, 69.3, 87.9, 68.0),
+    ),
+    _llava(
+        "llava_piip_cnxl_clipl_1024_336_13b",
+        "piip-llava_convnext-l_clip-l_1024-336_13B",
+        "PIIP-LLaVA_ConvNeXt-L_CLIP-L_1024-336_13B",
+        (66.5, 36.8, 69.2, 69.8, 65.2, 82.5, 70.5, 87.6, 68.5),
+    ),
+)
+BY_EXPERIMENT = {r.experiment: r for r in RELEASED + RELEASED_LLAVA}
 
 
 def for_experiment(name: str | None) -> Released | None:

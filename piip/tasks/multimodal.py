@@ -19,6 +19,7 @@ from piip.data.llava.conversation import TEMPLATES, generation_prompt
 from piip.data.llava.dataset import ConversationBatch, load_tokenizer
 from piip.data.llava.questions import QuestionBatch
 from piip.errors import ConfigError
+from piip.models.convert.llava import TOWER, convert_llava_heads, tower_state
 from piip.models.heads.llava import (
     BranchProjector,
     language_model_width,
@@ -109,6 +110,23 @@ class MultimodalTask(ValidationHooksForTest, PIIPTask, requires={"merge": "none"
         the language model's position embeddings."""
         positions = getattr(self.language_model.config, "max_position_embeddings", None)
         return {"visual_tokens": self.visual_tokens, "max_positions": positions}
+
+    # -- official checkpoints -----------------------------------------------------------------------------
+    def split_official(
+        self, state: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """A released PIIP-LLaVA checkpoint (LLaVA's layout): the vision tower under
+        `model.vision_tower.vision_tower.`, everything else (projector, Vicuna) for `from_official_heads`."""
+        if not any(k.startswith(TOWER) for k in state):
+            return super().split_official(state)
+        tower = tower_state({k.removeprefix(TOWER): v for k, v in state.items() if k.startswith(TOWER)})
+        return tower, {k: v for k, v in state.items() if not k.startswith(TOWER)}
+
+    def from_official_heads(
+        self, state: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """`model.mm_projector.*` -> `projector.*`, Vicuna's `model.*` / `lm_head.*` -> `language_model.*`."""
+        return convert_llava_heads(state, len(self.backbone.branches))
 
     # -- model --------------------------------------------------------------------------------------------
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:

@@ -69,7 +69,7 @@ _HF_CLIP_RENAMES = [
 ]
 
 
-def _hf_clip_to_timm(state_dict: StateDict) -> StateDict:
+def hf_clip_to_timm(state_dict: StateDict) -> StateDict:
     """Hugging Face `CLIPVisionModel` / `CLIPModel` weights -> timm `VisionTransformer` names and shapes.
 
     Why: PIIP-LLaVA's CLIP branches start from the Hugging Face checkpoints LLaVA uses (openai/clip-vit-*,
@@ -147,7 +147,7 @@ def uniperceiver_to_timm(state_dict: StateDict) -> StateDict:
 CHECKPOINT_FORMATS: dict[str, Callable[[StateDict], StateDict]] = {
     "timm": lambda state_dict: state_dict,
     "internvl": _internvl_to_timm,
-    "hf_clip": _hf_clip_to_timm,
+    "hf_clip": hf_clip_to_timm,
     "uniperceiver": uniperceiver_to_timm,
 }
 

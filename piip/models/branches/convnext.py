@@ -23,6 +23,10 @@ _HF_CONVNEXT = [
     (r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.layer_scale_parameter$", r"stages.\1.blocks.\2.gamma"),
 ]
 
+# timm ConvNeXt names under upstream's `ConvNextTimmWrapper`, and its renamed layer scale
+_TIMM_NAMES = ("stem.", "stages.", "norm_pre.", "head.")
+_TIMM_LAYER_SCALE = re.compile(r"^(stages\.\d+\.blocks\.\d+)\.weight$")
+
 
 class ConvNeXtBranch(Branch):
     """A timm `ConvNeXt` as a flat list of blocks: stage blocks with each stage's downsampling layer as a
@@ -93,10 +97,14 @@ class ConvNeXtBranch(Branch):
         return {n for n, _ in self.named_parameters() if n.endswith("gamma")}
 
     def from_official(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Upstream's `ConvNextHFWrapper`: a Hugging Face `ConvNextModel` under `convnext_model.`."""
+        """Upstream's `ConvNextHFWrapper` (detection: a Hugging Face `ConvNextModel`) or `ConvNextTimmWrapper`
+        (PIIP-LLaVA: a timm `ConvNeXt`), both under `convnext_model.`."""
         out: dict[str, torch.Tensor] = {}
         for key, value in state_dict.items():
             name = key.removeprefix("convnext_model.")
+            if name != key and name.startswith(_TIMM_NAMES):
+                out.update(_from_official_timm(key, name, value))
+                continue
             if name.startswith("layernorm."):  # the pooled-output norm
                 why = "Hugging Face's pooled-output norm; upstream PIIP reads the stage maps"
                 out[unused_by_official(key, why)] = value
@@ -109,6 +117,15 @@ class ConvNeXtBranch(Branch):
 
     def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return timm.models.convnext.checkpoint_filter_fn(state_dict, self._arch[0])
+
+
+def _from_official_timm(key: str, name: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One tensor of upstream's timm ConvNeXt. Upstream trains and evaluates with `replace_timm_convnext()`,
+    which renames each block's layer scale `gamma` to `weight` (`blocks.j.weight`); plain timm names pass."""
+    if name.startswith("head."):
+        why = "timm's classifier head (final norm, pre-logits MLP); upstream PIIP reads the stage maps"
+        return {unused_by_official(key, why): value}
+    return {_TIMM_LAYER_SCALE.sub(r"\1.gamma", name): value}
 
 
 def _out_channels(module: nn.Module, default: int) -> int:

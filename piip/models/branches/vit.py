@@ -21,8 +21,10 @@ from piip.models.branches.base import (
     resample_grid,
     unused_by_official,
 )
+from piip.models.branches.checkpoint import hf_clip_to_timm
 
 _OFFICIAL_LAYER_SCALE = re.compile(r"^blocks\.(\d+)\.gamma_([12])$")  # upstream `vit_models` (DeiT code)
+_OFFICIAL_CLIP = "clip_model."  # PIIP-LLaVA's CLIPHFWrapper holds a Hugging Face CLIPVisionTransformer
 
 
 class ViTBranch(Branch):
@@ -154,8 +156,11 @@ class ViTBranch(Branch):
         Position embeddings keep their stored grid (upstream stores them at the branch resolution for
         classification and segmentation, where the model config must then say `pos_embed_at_resolution`).
         Upstream's PIIP forwards never add a position to a cls token: a cls slot in the official table is
-        reported unused and piip's slot, if it has one, is zero, which computes the same.
+        reported unused and piip's slot, if it has one, is zero, which computes the same. PIIP-LLaVA's
+        `CLIPHFWrapper` (a Hugging Face CLIP under `clip_model.`) is the exception: see `_from_official_clip`.
         """
+        if any(key.startswith(_OFFICIAL_CLIP) for key in state_dict):
+            return self._from_official_clip(state_dict)
         out: dict[str, torch.Tensor] = {}
         for key, value in state_dict.items():
             key = _OFFICIAL_LAYER_SCALE.sub(r"blocks.\1.ls\2.gamma", key)
@@ -164,6 +169,27 @@ class ViTBranch(Branch):
             else:
                 out[key] = value
         return out
+
+    def _from_official_clip(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """PIIP-LLaVA's `CLIPHFWrapper`: Hugging Face CLIP vision names under `clip_model.` (PAPER.md §6.1).
+
+        Its forward adds the position table's cls slot to the class embedding and reads no
+        `post_layernorm`, so the table stays whole (timm's CLIP layout has the same slot) and the final norm
+        is reported unused, as is the `position_ids` index buffer older transformers saved."""
+        out: dict[str, torch.Tensor] = {}
+        hf: dict[str, torch.Tensor] = {}
+        for key, value in state_dict.items():
+            name = key.removeprefix(_OFFICIAL_CLIP)
+            if name == key:
+                out[key] = value  # not the wrapper's: the converter lists it
+            elif name.startswith("post_layernorm."):
+                why = "CLIP's final norm; the tower returns the last block's tokens"
+                out[unused_by_official(key, why)] = value
+            elif name == "embeddings.position_ids":
+                out[unused_by_official(key, "an index buffer (0..N); piip indexes the table itself")] = value
+            else:
+                hf[name] = value
+        return out | hf_clip_to_timm(hf)
 
     def _official_pos_embed(self, pos: torch.Tensor) -> dict[str, torch.Tensor]:
         grid_tokens = self.pos_embed.shape[1] - self.num_pos_prefix
