@@ -10,6 +10,10 @@ import torch
 from piip.models.backbone.config import BranchSpec, InteractionConfig, PIIPConfig, WindowConfig
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official"
+# a baseline has no interactions; these only fill the config (PIIPConfig needs them, nothing uses them)
+INTERACTION_DEFAULTS = dict(
+    deform_num_heads=4, n_points=4, deform_ratio=0.5, with_cffn=True, cffn_ratio=0.25, interaction_proj=True
+)
 
 
 def unpack(packed: dict) -> dict[str, torch.Tensor]:
@@ -63,6 +67,9 @@ def branch_spec(name: str, kwargs: dict, record: dict) -> BranchSpec:
 def piip_config(record: dict) -> PIIPConfig:
     """The piip config of a fixture's official model: branches reversed (smallest model first)."""
     kwargs = record["official_kwargs"]
+    if record["official_class"] == "deit.vit_models":  # a single-branch baseline: the branch itself
+        branch = dict(kwargs, interaction_indexes=[[0, kwargs["depth"] - 1]], real_size=112)
+        kwargs = dict(INTERACTION_DEFAULTS, branch1=branch)
     official = sorted((k for k in kwargs if k.startswith("branch")), reverse=True)
     specs = [branch_spec(f"b{k[-1]}", kwargs[k], record) for k in official]
     if record["official_class"] == "piip_4branch.PIIPFourBranch":  # upstream: branch4 = vit_models(**branch3)
@@ -74,7 +81,10 @@ def piip_config(record: dict) -> PIIPConfig:
             record,
         )
     resolutions = [kwargs[k].get("real_size") or kwargs[k]["img_size"] for k in official]
-    windows = [w for k in official for w in kwargs[k].get("window_size", []) if w and w > 0]
+    windowed = [kwargs[k]["window_size"] for k in official if kwargs[k].get("window_size")]
+    pattern = [w if w > 0 else None for w in (windowed[0] if windowed else [])]
+    windows = [w for w in pattern if w]
+    global_every = pattern.index(None) + 1 if None in pattern else None
     classification = "num_classes" in kwargs
     separate = kwargs.get("separate_head", False)
     merge = "regular_fpn" if kwargs.get("with_simple_fpn") is False else "simple_fpn"
@@ -92,7 +102,8 @@ def piip_config(record: dict) -> PIIPConfig:
             with_proj=kwargs.get("interaction_proj", True),
             norm="none" if kwargs.get("norm_layer") == "none" else "layernorm",
         ),
-        window=WindowConfig(size=windows[0], global_every=2) if windows else None,
+        window=WindowConfig(size=windows[0], global_every=global_every) if windows else None,
+        pyramid_norm="layernorm" if record["official_class"] == "deit.vit_models" else "groupnorm",
         merge=("none" if separate else "classification") if classification else merge,
         out_interaction_indexes=list(kwargs.get("out_interaction_indexes", [])),
         head="classification" if classification else "pyramid",

@@ -28,8 +28,12 @@ CONFIG_GLOBS = {
     "mmdetection": [
         "mmdetection/configs/piip/[234]branch/mask_rcnn_*.py",
         "mmdetection/configs/piip/convnext/*.py",
+        "mmdetection/configs/piip/baseline/*.py",  # single-branch ViT-B/L, InternViT-6B, ConvNeXt-B
     ],
-    "mmsegmentation": ["mmsegmentation/configs/piip/2branch/upernet_*.py"],
+    "mmsegmentation": [
+        "mmsegmentation/configs/piip/2branch/upernet_*.py",
+        "mmsegmentation/configs/piip/baseline/upernet_*.py",
+    ],
 }
 # Hugging Face ConvNeXt architectures the ConvNeXt configs name (from each model's config.json)
 CONVNEXT_SIZES = {
@@ -77,19 +81,33 @@ def backbone_kwargs(model: dict, code_base: str) -> tuple[str, dict]:
     kind = kwargs.pop("type", None)
     branches = sorted(k for k in kwargs if k.startswith("branch") and k[6:].isdigit())
     for name in branches:
-        branch = dict(kwargs[name])
-        if branch.get("mlp_type") == "fused_mlp":
-            branch["mlp_type"] = "regular"  # flash-attn's FusedMLP: same fc1/fc2 keys and shapes
-        if branch.get("Mlp_block") == "fused_mlp":
-            branch.pop("Mlp_block")  # vit_models' spelling of the same
-        if "use_flash_attn" in branch:
-            branch["use_flash_attn"] = False
-        kwargs[name] = branch
+        kwargs[name] = _runnable_on_cpu(dict(kwargs[name]))
+    if not branches:  # a single-branch baseline: the branch class itself
+        kwargs = _runnable_on_cpu(kwargs)
     if code_base == "classification":
         kind = {2: "PIIPTwoBranch", 3: "PIIPThreeBranch", 4: "PIIPFourBranch"}[len(branches)]
         for name in branches:
             kwargs[name]["pretrained"] = None
     return kind, kwargs
+
+
+def _runnable_on_cpu(branch: dict) -> dict:
+    """A branch's kwargs without flash-attn: FusedMLP has the same fc1/fc2 keys and shapes as the MLP."""
+    if branch.get("mlp_type") == "fused_mlp":
+        branch["mlp_type"] = "regular"
+    if branch.get("Mlp_block") == "fused_mlp":
+        branch.pop("Mlp_block")  # vit_models' spelling of the same
+    if "use_flash_attn" in branch:
+        branch["use_flash_attn"] = False
+    return branch
+
+
+def official_class(modules: dict, kind: str) -> type:
+    """The official class a config's `type` names, from the imported backbone modules."""
+    for module in [*modules.values(), *(m for n, m in sys.modules.items() if n.startswith("official_"))]:
+        if isinstance(getattr(module, kind, None), type):
+            return getattr(module, kind)
+    raise KeyError(f"no official backbone class {kind!r} among the imported modules")
 
 
 def mmdet_heads(model: dict) -> dict[str, list[int]]:
@@ -176,13 +194,8 @@ def parameters_on_meta():
 def listing(modules: dict, path: Path, code_base: str) -> dict[str, list[int]]:
     model = read_config(path)
     kind, kwargs = backbone_kwargs(model, code_base)
-    file = {
-        "PIIPTwoBranch": "piip_2branch",
-        "PIIPThreeBranch": "piip_3branch",
-        "PIIPFourBranch": "piip_4branch",
-    }[kind]
     with parameters_on_meta():
-        backbone = getattr(modules[file], kind)(**kwargs)
+        backbone = official_class(modules, kind)(**kwargs)
     if code_base == "classification":
         return _shapes(backbone)
     keys = _shapes(backbone, "backbone.")

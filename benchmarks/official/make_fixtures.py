@@ -207,6 +207,10 @@ def cases(code_base: str, scratch: Path) -> dict[str, tuple[str, dict, list[tupl
                 downsample_ratios=[4, 8, 8, 16, 16, 16, 32, 32],  # per block; the 2nd, 4th and 7th downsample
             ),
         )
+        baseline = deit(32, 2, 4, 112, [[0, 3]], windows=[3, 3, None, 3])  # upstream's ViT-B/L baseline
+        for key in ("real_size", "interaction_indexes"):
+            baseline.pop(key)
+        baseline.update(with_fpn=True, out_indices=[3])
         h6b = dict(
             branch1=internvit(32, 2, 4, 48, [[0, 1], [2, 3]], qk_norm=True, rms=True),
             branch2=deit(16, 1, 2, 112, TWO),
@@ -220,6 +224,11 @@ def cases(code_base: str, scratch: Path) -> dict[str, tuple[str, dict, list[tupl
                 dict(INTERACTION, **hybrid),
                 [(128, 128), (128, 96)],
             ),
+            "det_1branch_vit_baseline": (
+                "deit.vit_models",
+                baseline,
+                [SQUARE, WIDE],
+            ),  # last: seeds above stay
         }
     if code_base == "mmsegmentation":
         seg = dict(

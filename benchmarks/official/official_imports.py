@@ -132,7 +132,7 @@ def load(official: Path, code_base: str) -> dict[str, types.ModuleType]:
     alias = f"official_{package}_backbones"
     _package_alias(alias, official / code_base / package / "models/backbones")
     names = ["piip_2branch", "piip_3branch", "piip_modules"]
-    names += ["piip_4branch"] if code_base == "mmdetection" else []
+    names += ["piip_4branch", "deit"] if code_base == "mmdetection" else []  # deit: the ViT baselines
     for name in names:
         modules[name] = importlib.import_module(f"{alias}.{name}")
     _skip_pretrained_files(modules)

@@ -28,7 +28,8 @@ class Released:
 
 
 def _det(experiment: str, config: str, reported: str, released: bool = True) -> Released:
-    folder = "convnext" if "regular-fpn" in config else f"{_branches(experiment)}branch"
+    folder = f"{_branches(experiment)}branch" if _branches(experiment) > 1 else "baseline"
+    folder = "convnext" if "regular-fpn" in config and folder != "baseline" else folder
     path = f"mmdetection/configs/piip/{folder}/{config}.py"
     return Released(experiment, path, f"{HUB}/detection/{config}.pth" if released else None, reported)
 
@@ -39,7 +40,8 @@ def _branches(experiment: str) -> int:
 
 
 def _seg(experiment: str, config: str, reported: str) -> Released:
-    path = f"mmsegmentation/configs/piip/2branch/{config}.py"
+    folder = "2branch" if _branches(experiment) > 1 else "baseline"
+    path = f"mmsegmentation/configs/piip/{folder}/{config}.py"
     return Released(experiment, path, f"{HUB}/segmentation/{config}.pth", reported)
 
 
@@ -194,6 +196,17 @@ RELEASED: tuple[Released, ...] = (
         "box 44.8, mask 40.3",
         released=False,
     ),
+    # single-branch baselines of the same tables
+    _det("coco_vit_b_1024", "mask_rcnn_deit_vit_b_fpn_1x_coco_bs16", "box 43.7, mask 39.7"),
+    _det("coco_vit_l_1024", "mask_rcnn_deit_vit_l_fpn_1x_coco_bs16", "box 46.7, mask 42.5"),
+    _det("coco_internvit_6b_1024", "mask_rcnn_internvit_6b_fpn_1x_coco_bs16_ms", "box 53.8, mask 48.1"),
+    _det(
+        "coco_convnext_b_1024",
+        "mask_rcnn_convnext-base_1024_regular-fpn",
+        "box 42.4, mask 38.7",
+        released=False,
+    ),
+    _seg("ade20k_internvit_6b_512", "upernet_internvit_6b_512_80k_ade20k_bs16_lr4e-5", "mIoU 58.42"),
     _seg("ade20k_piip_h6b_512_192", "upernet_internvit_h6b_192_512_80k_ade20k_bs16_lr4e-5", "mIoU 57.81"),
     _seg("ade20k_piip_h6b_512_256", "upernet_internvit_h6b_256_512_80k_ade20k_bs16_lr4e-5", "mIoU 58.35"),
     _seg("ade20k_piip_h6b_512_384", "upernet_internvit_h6b_384_512_80k_ade20k_bs16_lr4e-5", "mIoU 59.32"),

@@ -127,7 +127,7 @@ class PIIPBackbone(nn.Module):
             strides = [branch0.strides[-1]] * 4
             channels = [self.out_channels] * 4
         try:
-            return PyramidTaps(strides, channels)
+            return PyramidTaps(strides, channels, config.pyramid_norm)
         except ValueError as err:
             raise ConfigError(
                 f"model.head=pyramid: branch {branch0.name} outputs strides {strides}: {err}"

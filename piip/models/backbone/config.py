@@ -86,6 +86,7 @@ class PIIPConfig:
     merge: Literal["simple_fpn", "regular_fpn", "classification", "none"] = "simple_fpn"
     out_interaction_indexes: list[int] = field(default_factory=list)
     head: Literal["pyramid", "classification", "none"] = "pyramid"
+    pyramid_norm: Literal["groupnorm", "layernorm"] = "groupnorm"  # layernorm: upstream's ViT baselines
     classifier: Literal["merged", "per_branch"] = "merged"
     classifier_token: Literal["cls", "first_patch"] = "cls"
     num_classes: int = 1000

@@ -67,6 +67,8 @@ class Conversion:
 def convert_backbone(backbone: torch.nn.Module, state: StateDict) -> Conversion:
     """`state`: the official backbone's keys (no `backbone.` prefix); returns keys of `backbone`."""
     n = len(backbone.branches)
+    if n == 1 and not any(_PATTERNS["branch"].match(k) for k in state):
+        state = _single_branch(state)
     result = Conversion()
     per_branch: dict[int, StateDict] = defaultdict(dict)
     merge_weights: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
@@ -133,6 +135,16 @@ def convert_backbone(backbone: torch.nn.Module, state: StateDict) -> Conversion:
     for k, tensors in per_branch.items():
         result.update(_convert_branch(backbone.branches[k], k, n - k, tensors))
     return result
+
+
+def _single_branch(state: StateDict) -> StateDict:
+    """Upstream's single-branch baselines are the branch module itself (`vit_models`, `InternViT6B`,
+    `ConvNextHFWrapper`) with its own simple pyramid `up1..up4`: named here as a 1-branch PIIP model."""
+    out: StateDict = {}
+    for key, value in state.items():
+        match = re.match(r"^up([1-4])\.(.+)$", key)
+        out[f"fpn{match.group(1)}.{match.group(2)}" if match else f"branch1.{key}"] = value
+    return out
 
 
 def _out_index(backbone: torch.nn.Module, stage: int) -> int | None:
