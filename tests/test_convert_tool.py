@@ -109,3 +109,27 @@ def test_evaluate_py_runs_on_a_converted_checkpoint(official, tmp_path) -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert list(out.parent.glob("*results*.json")), "evaluate.py writes a results JSON next to the checkpoint"
+
+
+@pytest.mark.slow
+def test_train_py_starts_from_a_converted_checkpoint(official, tmp_path) -> None:
+    src, _ = official
+    out = tmp_path / "converted.ckpt"
+    assert main([str(src), str(out), *TINY]) == 0
+    run = [
+        *TINY,
+        f"init_from={out}",
+        f"paths.root_dir={tmp_path}",
+        "trainer=cpu",
+        "logger=none",
+        "callbacks.progress_bar=null",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=1",
+        "trainer.limit_val_batches=1",
+        "task.val_every_n_epochs=1",
+        "task.data.num_workers=0",
+        "test_after_fit=false",
+    ]
+    result = subprocess.run([sys.executable, "train.py", *run], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"initialised the model from {out}" in result.stdout + result.stderr
