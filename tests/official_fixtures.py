@@ -64,6 +64,20 @@ def branch_spec(name: str, kwargs: dict, record: dict) -> BranchSpec:
     )
 
 
+def interaction_config(kwargs: dict) -> InteractionConfig:
+    """Upstream's interaction kwargs (`deform_num_heads`, `n_points`, ...) as piip's (drop path off: eval)."""
+    return InteractionConfig(
+        num_heads=kwargs["deform_num_heads"],
+        num_points=kwargs["n_points"],
+        ratio=kwargs["deform_ratio"],
+        with_cffn=kwargs["with_cffn"],
+        cffn_ratio=kwargs["cffn_ratio"],
+        drop_path=0.0,
+        with_proj=kwargs.get("interaction_proj", True),
+        norm="none" if kwargs.get("norm_layer") == "none" else "layernorm",
+    )
+
+
 def piip_config(record: dict) -> PIIPConfig:
     """The piip config of a fixture's official model: branches reversed (smallest model first)."""
     kwargs = record["official_kwargs"]
@@ -92,16 +106,7 @@ def piip_config(record: dict) -> PIIPConfig:
         branches=specs,
         resolutions=resolutions,
         num_interactions=len(kwargs[official[0]]["interaction_indexes"]),
-        interaction=InteractionConfig(
-            num_heads=kwargs["deform_num_heads"],
-            num_points=kwargs["n_points"],
-            ratio=kwargs["deform_ratio"],
-            with_cffn=kwargs["with_cffn"],
-            cffn_ratio=kwargs["cffn_ratio"],
-            drop_path=0.0,
-            with_proj=kwargs.get("interaction_proj", True),
-            norm="none" if kwargs.get("norm_layer") == "none" else "layernorm",
-        ),
+        interaction=interaction_config(kwargs),
         window=WindowConfig(size=windows[0], global_every=global_every) if windows else None,
         pyramid_norm="layernorm" if record["official_class"] == "deit.vit_models" else "groupnorm",
         merge=("none" if separate else "classification") if classification else merge,

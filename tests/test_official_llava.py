@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from piip.models.backbone import PIIPBackbone
-from piip.models.backbone.config import BranchSpec, InteractionConfig, PIIPConfig
+from piip.models.backbone.config import BranchSpec, PIIPConfig
 from piip.models.convert.llava import PROJECTOR, TOWER, convert_llava_heads, convert_projector, tower_state
 from piip.models.convert.official import convert_backbone
 from piip.models.heads.llava import BranchProjector
 from piip.run.convert import convert_state, fit_problems
-from tests.official_fixtures import FIXTURES, read, unpack
+from tests.official_fixtures import FIXTURES, interaction_config, read, unpack
 
 CASES = sorted(p.stem for p in FIXTURES.glob("llava_*.pt"))
 
@@ -63,14 +63,7 @@ def piip_config(official: dict) -> PIIPConfig:
         branches=[branch_spec(f"b{2 - k}", b) for k, b in enumerate(branches)],
         resolutions=[b["img_size"] for b in branches],
         num_interactions=len(official["branch1"]["interaction_indexes"]),
-        interaction=InteractionConfig(
-            num_heads=official["deform_num_heads"],
-            num_points=official["n_points"],
-            ratio=official["deform_ratio"],
-            with_cffn=official["with_cffn"],
-            cffn_ratio=official["cffn_ratio"],
-            drop_path=0.0,
-        ),
+        interaction=interaction_config(official),
         merge="none",
         head="none",
         use_cls_token=True,

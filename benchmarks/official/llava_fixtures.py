@@ -31,7 +31,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from listings import parameters_on_meta  # noqa: E402
-from make_fixtures import pack, randomise  # noqa: E402
+from make_fixtures import INTERACTION, pack, randomise  # noqa: E402
 from official_imports import load  # noqa: E402
 
 DEFAULT_OUT = HERE.parents[1] / "tests/fixtures/official"
@@ -55,15 +55,6 @@ VICUNA = {
     "7B": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, intermediate_size=11008),
     "13B": dict(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, intermediate_size=13824),
 }
-INTERACTION = dict(
-    n_points=4,
-    deform_num_heads=4,
-    cffn_ratio=0.25,
-    deform_ratio=0.5,
-    with_cffn=True,
-    interact_attn_type="deform",
-    interaction_drop_path_rate=0.0,
-)
 TOWER_PREFIX, PROJECTOR_PREFIX = "model.vision_tower.vision_tower.", "model.mm_projector."
 
 
