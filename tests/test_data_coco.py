@@ -32,7 +32,7 @@ def coco_root(tmp_path: Path) -> Path:
     for i in (1, 2, 3):
         Image.new("RGB", (W, H), (10 * i, 0, 0)).save(tmp_path / "val2017" / f"{i:012d}.jpg")
     compressed = mask_utils.encode(np.asfortranarray(square_mask(20, 2, 6)))
-    uncompressed = {"size": [H, W], "counts": [int(v) for v in [2 * H + 4, 4, H - 4, 4, H * (W - 4) - 8]]}
+    uncompressed = {"size": [H, W], "counts": [int(v) for v in [2 * H + 4, 4, H - 4, 4, H * (W - 4) + 12]]}
     rle = {"size": [H, W], "counts": compressed["counts"].decode()}
     # (image id, category id, bbox, area, iscrowd, segmentation), annotation ids 1..5
     fields = [

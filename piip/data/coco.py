@@ -9,7 +9,6 @@ labels back to COCO ids for the results JSON.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -24,40 +23,44 @@ from torchvision.transforms.functional import pil_to_tensor
 from piip.data.base import ResumableDataModule, load_rgb
 from piip.data.sampling import SeededTransform
 from piip.data.transforms import DetectionAugmentation, empty_target
+from piip.data.validate import SplitNeeds, check_sections, read_json, usable_box, validate_split
 from piip.errors import DataError
 
 log = logging.getLogger(__name__)
 
 
-def load_coco(annotation_file: Path) -> COCO:
-    """pycocotools' index of an instances file, with errors that name the file."""
-    if not annotation_file.is_file():
-        raise DataError(f"COCO annotation file not found: {annotation_file}")
-    try:
-        with open(annotation_file) as f:
-            dataset = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{annotation_file} is not JSON: {err}") from err
-    missing = [key for key in ("images", "annotations", "categories") if key not in dataset]
-    if not isinstance(dataset, dict) or missing:
-        raise DataError(f"{annotation_file} is not a COCO instances file: missing {missing}")
-    known = {c["id"] for c in dataset["categories"]}
-    unknown = sorted({a["category_id"] for a in dataset["annotations"]} - known)
-    if unknown:
-        raise DataError(f"{annotation_file}: annotations use category ids {unknown} not listed in categories")
+def load_coco(annotation_file: Path, dataset: dict[str, Any] | None = None) -> COCO:
+    """pycocotools' index of an instances file. `dataset`: the file as `piip.data.validate.validate_split`
+    read and checked it (what `CocoDataModule` does); without it, the file is read here and only its layout
+    and category ids are checked."""
+    if dataset is None:
+        dataset = read_json(annotation_file, "COCO annotation file")
+        check_sections(dataset, annotation_file)
+        known = {c.get("id") for c in dataset["categories"] if isinstance(c, dict)}
+        used = {a.get("category_id") for a in dataset["annotations"] if isinstance(a, dict)}
+        unknown = sorted(used - known, key=str)
+        if unknown:
+            raise DataError(
+                f"{annotation_file}: annotations use category ids {unknown} not listed in categories"
+            )
     coco = COCO()
     coco.dataset = dataset
     coco.createIndex()
+    coco.source = str(annotation_file)  # named by evaluation errors (piip.evaluation.coco)
     return coco
 
 
 class CocoInstances(torch.utils.data.Dataset):
-    """One split: `(image, target)` pairs; crowd regions are dropped in training, degenerate boxes skipped."""
+    """One split: `(image, target)` pairs; crowd regions are dropped in training, degenerate boxes skipped.
 
-    def __init__(self, image_dir: Path, annotation_file: Path, train: bool) -> None:
+    `dataset`: the annotation file already read and checked (`CocoDataModule` passes it); else read here."""
+
+    def __init__(
+        self, image_dir: Path, annotation_file: Path, train: bool, dataset: dict[str, Any] | None = None
+    ) -> None:
         self.image_dir = Path(image_dir)
         self.annotation_file = Path(annotation_file)
-        self.coco = load_coco(self.annotation_file)
+        self.coco = load_coco(self.annotation_file, dataset)
         self.train = train
         self.image_ids = sorted(self.coco.imgs)
         self.category_ids = sorted(self.coco.cats)  # label k (1-based) is category_ids[k - 1]
@@ -86,11 +89,10 @@ class CocoInstances(torch.utils.data.Dataset):
         for ann in self.coco.imgToAnns.get(image_id, []):
             if self.train and ann.get("iscrowd", 0):
                 continue  # crowd regions are neither positives nor negatives in training (as mmdet does)
-            x, y, w, h = ann["bbox"]
-            x1, y1, x2, y2 = max(x, 0.0), max(y, 0.0), min(x + w, width), min(y + h, height)
-            if x2 - x1 < 1 or y2 - y1 < 1:
+            box = usable_box(ann["bbox"], width, height)
+            if box is None:
                 continue  # zero, negative or out-of-image boxes are skipped, as the reference toolkits do
-            boxes.append([x1, y1, x2, y2])
+            boxes.append(box)
             labels.append(self.label_of[ann["category_id"]])
             masks.append(self._mask(ann, height, width))
         target = {
@@ -141,6 +143,10 @@ class CocoDataModule(ResumableDataModule):
     Resizing follows `DetectionAugmentation` (single scale from the highest branch resolution unless the
     config names scales); training flips horizontally with probability `flip`. Every random draw comes from
     the per-sample seeded RNG, so a resumed run sees the same augmentations.
+
+    Each split is checked when first used (`setup` uses both before fitting): `piip.data.validate`, with its
+    outcome cached beside the annotation file, or in `cache_dir` when given (e.g. for read-only data).
+    Segmentations are required unless the task evaluates boxes only (`fit_to_task(masks=False)`).
     """
 
     collate_fn = staticmethod(collate_detection)
@@ -164,9 +170,12 @@ class CocoDataModule(ResumableDataModule):
         train_split: str = "train2017",
         val_split: str = "val2017",
         synthetic: dict[str, Any] | None = None,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers, pin_memory, persistent_workers, seed)
         self.root = Path(root)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.masks = True  # segmentations are trained and evaluated (the task may say otherwise)
         self.augmentation = DetectionAugmentation.from_config(
             input_size,
             scale=scale,
@@ -186,14 +195,30 @@ class CocoDataModule(ResumableDataModule):
 
             ensure_coco_layout(self.root, **self.synthetic)
 
+    def fit_to_task(self, masks: bool = True, **_: Any) -> None:
+        """`masks=False`: the task evaluates boxes only, so annotations without segmentation are accepted."""
+        if bool(masks) != self.masks:
+            self.masks = bool(masks)
+            self.sets.clear()  # checked for the other use
+
+    def setup(self, stage: str) -> None:
+        """Check the splits this stage reads (both before fitting), then the shared checks (batch sizes)."""
+        for split in ("train", "val") if stage == "fit" else ("val",):
+            self.split(split)
+        super().setup(stage)
+
     def annotation_file(self, split: str) -> Path:
         return self.root / "annotations" / f"instances_{self.splits[split]}.json"
 
     def split(self, split: str) -> CocoInstances:
+        """One split, checked (`piip.data.validate`) and its counts logged when first used."""
         if split not in self.sets:
-            self.sets[split] = CocoInstances(
-                self.root / self.splits[split], self.annotation_file(split), train=split == "train"
-            )
+            train = split == "train"
+            file, image_dir = self.annotation_file(split), self.root / self.splits[split]
+            needs = SplitNeeds(train=train, masks=self.masks)
+            dataset, report = validate_split(file, image_dir, needs, self.cache_dir)
+            log.info("COCO %s split %s: %s", split, file, report.describe(train))
+            self.sets[split] = CocoInstances(image_dir, file, train=train, dataset=dataset)
         return self.sets[split]
 
     @property

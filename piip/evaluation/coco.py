@@ -19,11 +19,19 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from piip.errors import DataError
+
 log = logging.getLogger(__name__)
 
 # COCOeval.stats order for iouType bbox/segm, named as mmdet logs them (bbox_mAP, bbox_mAP_50, ...)
 STAT_NAMES = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l")
 IOU_TYPES = ("bbox", "segm")
+
+
+def iou_types(masks: bool) -> tuple[str, ...]:
+    """What a run scores: boxes and masks, or boxes only (`task.module.evaluate_masks=false`, for
+    annotation files without segmentations, which COCOeval's `segm` cannot read)."""
+    return IOU_TYPES if masks else ("bbox",)
 
 
 def results_entries(
@@ -62,6 +70,8 @@ def evaluate(
     """
     if iou_type not in IOU_TYPES:
         raise ValueError(f"iou_type: expected one of {IOU_TYPES}, got {iou_type!r}")
+    if iou_type == "segm":
+        check_segmentations(ground_truth)
     if not entries:
         return dict.fromkeys(STAT_NAMES, 0.0)
     with contextlib.redirect_stdout(io.StringIO()) as printed:
@@ -76,3 +86,17 @@ def evaluate(
         name: float(v) if v >= 0 else float("nan")
         for name, v in zip(STAT_NAMES, evaluator.stats, strict=False)
     }
+
+
+def check_segmentations(ground_truth: COCO) -> None:
+    """`segm` scoring needs every ground-truth annotation's segmentation: without one pycocotools fails deep
+    inside COCOeval (after a whole epoch of training). Data modules check this at set-up; this is the guard
+    for ground truth that did not come through one."""
+    bare = [a.get("id") for a in ground_truth.dataset.get("annotations", []) if not a.get("segmentation")]
+    if bare:
+        source = getattr(ground_truth, "source", "the ground truth")
+        more = f" (and {len(bare) - 1} more)" if len(bare) > 1 else ""
+        raise DataError(
+            f"{source}: annotation {bare[0]}{more} has no segmentation, so masks cannot be scored; add "
+            "segmentations, or set task.module.evaluate_masks=false to evaluate boxes only"
+        )

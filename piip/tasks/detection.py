@@ -16,7 +16,9 @@ import torch
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from piip.data.files import write_json
+from piip.errors import ConfigError
 from piip.evaluation import coco as coco_metrics
+from piip.models.checks import number_in
 from piip.models.heads.detector import build_detector
 from piip.tasks.base import PIIPTask, ValidationHooksForTest
 from piip.tasks.visualise import log_images
@@ -28,7 +30,9 @@ Batch = tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]
 
 class DetectionTask(ValidationHooksForTest, PIIPTask, requires={"head": "pyramid"}):
     """`detector`: `name` selects the detector (default `mask_rcnn`, see `piip.models.heads.detector`), the
-    other fields are its config; `num_classes` counts object classes (no background)."""
+    other fields are its config; `num_classes` counts object classes (no background). `evaluate_masks=False`
+    scores boxes only and lets the data have annotations without segmentation (the box is then the mask the
+    mask head learns), for boxes-only datasets; the data learns it through `data_needs`."""
 
     def __init__(
         self,
@@ -38,13 +42,18 @@ class DetectionTask(ValidationHooksForTest, PIIPTask, requires={"head": "pyramid
         detector: dict[str, Any] | None = None,
         num_visualised: int = 4,
         score_to_draw: float = 0.5,
+        evaluate_masks: bool = True,
         **base: Any,
     ) -> None:
+        score_to_draw = number_in(score_to_draw, "task.module.score_to_draw", 0, 1)
+        if not isinstance(evaluate_masks, bool):
+            raise ConfigError(f"task.module.evaluate_masks: expected true or false, got {evaluate_masks!r}")
         super().__init__(backbone, optim, **base)
         self.detector = build_detector(self.backbone, num_classes, detector)
         self.num_classes = num_classes
         self.num_visualised = num_visualised
         self.score_to_draw = score_to_draw
+        self.evaluate_masks = evaluate_masks
         self._found: dict[int, dict[str, list[dict]]] = {}  # image id -> COCO entries per iou type
         self._examples: list[np.ndarray] = []
 
@@ -53,6 +62,10 @@ class DetectionTask(ValidationHooksForTest, PIIPTask, requires={"head": "pyramid
     ) -> tuple[dict[str, torch.Tensor], list[str]]:
         """The detector's own official naming (mmdet's for Mask R-CNN)."""
         return self.detector.from_official(state)
+
+    def data_needs(self) -> dict[str, Any]:
+        """Whether the data must carry segmentations (checked at its set-up)."""
+        return {"masks": self.evaluate_masks}
 
     def setup(self, stage: str) -> None:
         self.check_num_classes(self.num_classes, "task.module.num_classes")
@@ -94,7 +107,8 @@ class DetectionTask(ValidationHooksForTest, PIIPTask, requires={"head": "pyramid
     def on_validation_epoch_end(self) -> None:
         found = self._gather()
         image_ids = sorted(found)
-        entries = {kind: [e for i in image_ids for e in found[i][kind]] for kind in coco_metrics.IOU_TYPES}
+        kinds = coco_metrics.iou_types(self.evaluate_masks)
+        entries = {kind: [e for i in image_ids for e in found[i][kind]] for kind in kinds}
         metrics: dict[str, float] = {}
         if self.trainer.is_global_zero:
             ground_truth = self.attached_data().ground_truth()

@@ -17,6 +17,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from piip.errors import ConfigError
+from piip.models.checks import is_number, number_in, optional_whole_number, positive_number
 
 
 @dataclass
@@ -55,9 +56,37 @@ class OptimConfig:
             raise ConfigError(
                 f"task.optim.schedule: expected cosine, step, poly or constant, got {config.schedule!r}"
             )
-        if not 0 < config.layer_decay <= 1:
+        if not is_number(config.layer_decay) or not 0 < config.layer_decay <= 1:
             raise ConfigError(f"task.optim.layer_decay: expected a value in (0, 1], got {config.layer_decay}")
+        config.check_values()
         return config
+
+    def check_values(self) -> None:
+        """Refuse values torch would only trip over at the first step (or never: a negative lr trains
+        backwards without a word), naming the key; numbers are stored as plain floats/ints."""
+        key = "task.optim."
+        self.lr = positive_number(self.lr, key + "lr")
+        self.weight_decay = number_in(self.weight_decay, key + "weight_decay", 0)
+        if not isinstance(self.betas, tuple) or len(self.betas) != 2:
+            raise ConfigError(f"{key}betas: expected two numbers in [0, 1), got {self.betas!r}")
+        self.betas = tuple(number_in(b, key + "betas", 0, 1, high_open=True) for b in self.betas)
+        self.eps = positive_number(self.eps, key + "eps")
+        self.new_module_lr_scale = number_in(self.new_module_lr_scale, key + "new_module_lr_scale", 0)
+        self.warmup_epochs = number_in(self.warmup_epochs, key + "warmup_epochs", 0)
+        self.warmup_steps = optional_whole_number(self.warmup_steps, key + "warmup_steps", minimum=0)
+        factor = key + "warmup_start_factor"
+        self.warmup_start_factor = number_in(self.warmup_start_factor, factor, 0, 1)
+        self.min_lr_ratio = number_in(self.min_lr_ratio, key + "min_lr_ratio", 0, 1)
+        self.poly_power = positive_number(self.poly_power, key + "poly_power")
+        milestones = self.step_milestones
+        if not isinstance(milestones, list | tuple):
+            raise ConfigError(f"{key}step_milestones: expected a list of epochs, got {milestones!r}")
+        self.step_milestones = [number_in(m, key + "step_milestones", 0) for m in self.step_milestones]
+        self.step_gamma = positive_number(self.step_gamma, key + "step_gamma")
+        if self.gradient_clip is not None:
+            self.gradient_clip = positive_number(self.gradient_clip, key + "gradient_clip")
+        if self.ema_decay is not None:
+            self.ema_decay = number_in(self.ema_decay, key + "ema_decay", 0, 1, high_open=True)  # 0: off
 
 
 def parameter_groups(

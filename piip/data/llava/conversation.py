@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from piip.errors import DataError
 from piip.models.heads.llava import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -21,7 +22,7 @@ HUMAN, ASSISTANT = "human", "gpt"  # the LLaVA JSON `from` values
 TemplateName = Literal["plain", "vicuna_v1"]
 
 
-class ConversationError(ValueError):
+class ConversationError(DataError):
     """A sample that cannot be rendered; the message names the file and sample id."""
 
 
@@ -106,8 +107,14 @@ class Conversation:
                 turns.append(Turn(message["value"], None))
             else:
                 turns[-1].assistant = message["value"]
+        for k, turn in enumerate(turns):
+            if IMAGE_PLACEHOLDER in (turn.assistant or ""):
+                raise ConversationError(
+                    f"{where}: sample {sample_id}: message {2 * k + 1} (the answer of turn {k}) holds the "
+                    f"{IMAGE_PLACEHOLDER} placeholder; it belongs in a human turn (the image goes with a "
+                    "question), so move it there"
+                )
         placeholders = sum(t.human.count(IMAGE_PLACEHOLDER) for t in turns)
-        placeholders += sum((t.assistant or "").count(IMAGE_PLACEHOLDER) for t in turns)
         image = sample.get("image")
         if image is not None and placeholders != 1:
             raise ConversationError(
@@ -120,6 +127,12 @@ class Conversation:
                 "'image'; remove the placeholder or add the image"
             )
         return cls(sample_id, turns, image)
+
+    def has_answer(self, template: Template) -> bool:
+        """Whether training has a token to learn from: an answer the template renders as target (`plain`
+        renders only the first turn's)."""
+        answered = self.turns[:1] if template.name == "plain" else self.turns
+        return any(turn.assistant is not None for turn in answered)
 
 
 def render(conversation: Conversation, template: Template) -> list[list[Segment]]:

@@ -10,7 +10,6 @@ processor's default), resized to the highest branch resolution and normalised wi
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from piip.data.llava.conversation import (
     encode,
 )
 from piip.data.sampling import SampleKey
+from piip.data.validate import read_json
 from piip.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -98,15 +98,31 @@ class ImageProcessor:
 
 # -- training conversations -------------------------------------------------------------------------------
 def read_samples(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise DataError(f"conversation file not found: {path} (LLaVA JSON: a list of samples)")
-    try:
-        samples = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path} is not valid JSON: {err}") from err
+    """A LLaVA JSON file (UTF-8; errors name the file, and the byte offset of text that is not UTF-8)."""
+    samples = read_json(path, "conversation file (LLaVA JSON: a list of samples)")
     if not isinstance(samples, list):
         raise DataError(f"{path}: expected a JSON list of samples, got {type(samples).__name__}")
     return samples
+
+
+def check_conversations(samples: list[dict[str, Any]], file: Path, template: Template) -> None:
+    """Every sample parses (`Conversation.from_llava`) and has an answer to train on, checked at set-up: a
+    batch of samples without answers has every label masked, and its loss is NaN."""
+    for i, sample in enumerate(samples):
+        if not isinstance(sample, dict):
+            raise DataError(
+                f"{file}: sample {i} (0-based) is a JSON {type(sample).__name__}; expected an object"
+            )
+    unanswered = [
+        c.id for c in (Conversation.from_llava(s, str(file)) for s in samples) if not c.has_answer(template)
+    ]
+    if unanswered:
+        shown = ", ".join(unanswered[:5]) + (", ..." if len(unanswered) > 5 else "")
+        turn = "its first question" if template.name == "plain" else "any question"
+        raise DataError(
+            f"{file}: {len(unanswered)} of {len(samples)} samples have no answer to train on (no 'gpt' "
+            f"message after {turn}, template {template.name}): {shown}; add their answers or remove them"
+        )
 
 
 class ConversationDataset(Dataset):
@@ -124,6 +140,7 @@ class ConversationDataset(Dataset):
     ) -> None:
         self.file = file
         self.samples = read_samples(file)
+        check_conversations(self.samples, file, template)
         self.image_folder = image_folder
         self.tokenizer = tokenizer
         self.template = template

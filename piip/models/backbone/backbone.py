@@ -26,6 +26,7 @@ from piip.models.backbone.merge import BranchMerge
 from piip.models.backbone.taps import PyramidTaps
 from piip.models.branches import Branch, BranchState, branch_class, build_branch
 from piip.models.branches.checkpoint import LoadReport
+from piip.models.checks import whole_number
 from piip.models.heads import BranchClassifier, MergedClassifier
 
 
@@ -314,6 +315,10 @@ class PIIPBackbone(nn.Module):
 def _check_branch_settings(config: PIIPConfig) -> None:
     n = config.num_branches
     names = ", ".join(b.name for b in config.branches)
+    if not isinstance(config.resolutions, list | tuple):
+        raise ConfigError(f"model.resolutions: expected a list of image sizes, got {config.resolutions!r}")
+    for k, res in enumerate(config.resolutions):
+        whole_number(res, f"model.resolutions[{k}] (branch {k}'s image size in pixels)")
     if len(config.resolutions) != n:
         raise ConfigError(
             f"model.resolutions: got {len(config.resolutions)} values {list(config.resolutions)} for {n} "

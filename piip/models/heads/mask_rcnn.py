@@ -36,6 +36,7 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from piip.errors import ConfigError
+from piip.models.checks import number_in
 from piip.models.convert.mmdet_rcnn import convert_mask_rcnn
 from piip.models.heads.detector import Detector
 from piip.models.heads.mmdet_ops import STRIDES, MMDetAnchorGenerator, MMDetRoIAlign
@@ -86,6 +87,8 @@ class MaskRCNNConfig:
                 f"task.module.detector.anchor_sizes: expected {len(LEVELS) + 1} sizes (levels stride 4-64), "
                 f"got {config.anchor_sizes}"
             )
+        for name in ("box_score_thresh", "box_nms_thresh", "rpn_nms_thresh"):
+            number_in(getattr(config, name), f"task.module.detector.{name}", 0, 1)
         if config.flavour not in FLAVOURS:
             raise ConfigError(
                 f"task.module.detector.flavour: expected one of {list(FLAVOURS)}, got {config.flavour!r}"
