@@ -37,6 +37,7 @@ def fit_and_test(cfg: DictConfig, init_from: Path | None = None) -> dict | None:
     run_dir = Path(cfg.trainer.default_root_dir)
     backbone = backbone_dict(cfg)
     datamodule = build.build_datamodule(cfg, backbone)
+    build.clean_output_folders(cfg, callbacks := build.build_all(cfg, "callbacks"))  # before `last` is sought
     ckpt_path = checkpoints.resume_path(cfg, run_dir)
     fresh = ckpt_path is None and init_from is None
     module = build.build_task(cfg, backbone, load_pretrained=cfg.load_pretrained and fresh)
@@ -46,7 +47,7 @@ def fit_and_test(cfg: DictConfig, init_from: Path | None = None) -> dict | None:
     elif init_from is not None:
         checkpoints.load_weights(module, init_from)
     loggers = build.build_loggers(cfg, resuming=ckpt_path is not None)
-    trainer = build.build_trainer(cfg, build.build_all(cfg, "callbacks"), loggers)
+    trainer = build.build_trainer(cfg, callbacks, loggers)
     counts = results.complexity(cfg, backbone) if trainer.is_global_zero else {}
     for logger in trainer.loggers:
         logger.log_hyperparams({f"model/{k}": v for k, v in counts.items()})

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from piip.data.files import atomic_file
+
 RESULTS_FILE = "results.json"
 HYDRA_DIR = ".hydra"
 REQUIRED_FIELDS = ("model", "gflops", "monitor", "score", "metrics")
@@ -212,9 +214,7 @@ def write_csv(rows: Sequence[JobResult], path: Path) -> None:
     """One row per job, sorted by GFLOPs; blanks where a job has no value (failed, or metric not logged)."""
     rows = sort_rows(rows)
     keys = metric_keys(rows)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
+    with atomic_file(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow([*FIXED_COLUMNS, *keys, "overrides"])
         for row in rows:
@@ -308,8 +308,8 @@ def plot(rows: Sequence[JobResult], metric: str | None, path: Path) -> list[str]
         ax.grid(True, alpha=0.3)
         fig.tight_layout()
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
+        with atomic_file(path) as stream:  # a temp file beside it, renamed over it when complete
+            fig.savefig(stream, format=path.suffix.lstrip(".") or "png")
     finally:
         plt.close(fig)
     return annotations

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import types
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,7 +23,9 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from piip.data.files import fsync_tree, replace_folder, temp_sibling
 from piip.errors import ConfigError
+from piip.tasks.finite import refuse_nonfinite_checkpoint
 
 FP32_POLICY = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -42,7 +45,7 @@ class FSDP2Strategy(ModelParallelStrategy):
     parameters mixed in a unit need `use_orig_params`, and the optimizer state is keyed by flat buffers).
     FSDP2's `fully_shard` shards per parameter and keeps names, so layer-wise lr decay, PIIP-LLaVA's frozen
     parts and checkpoint keys stay as they are. Checkpoints are sharded folders
-    (`python -m piip.tools.consolidate` makes one file).
+    (`python -m piip.tools.consolidate` makes one file), written atomically (`save_checkpoint`).
     """
 
     def __init__(
@@ -81,6 +84,28 @@ class FSDP2Strategy(ModelParallelStrategy):
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes  # every rank holds a shard
         super().setup_environment()
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: str | Path, storage_options: Any | None = None
+    ) -> None:
+        """A sharded folder never half-written under its final name: refuse non-finite weights (every rank
+        checks its shards, the verdict is shared), let every rank write into the sibling temp folder
+        `.<name>.<hex>.tmp`, then rank 0 fsyncs it and swaps it in (`piip.data.files.replace_folder`).
+
+        With `save_distributed_checkpoint: false` the single file goes through the trainer's CheckpointIO
+        (`piip.run.checkpoint_io.AtomicCheckpointIO`: same rules)."""
+        if not self._save_distributed_checkpoint:
+            super().save_checkpoint(checkpoint, filepath, storage_options)
+            return
+        path = Path(self.broadcast(str(filepath)))
+        refuse_nonfinite_checkpoint(checkpoint.get("state_dict", {}), path)
+        temp = Path(self.broadcast(str(temp_sibling(path))))
+        super().save_checkpoint(checkpoint, temp, storage_options)
+        self.barrier("piip: sharded checkpoint written")
+        if self.global_rank == 0:
+            fsync_tree(temp)
+            replace_folder(temp, path)
+        self.barrier("piip: sharded checkpoint in place")
 
     def shard_task(self, task: nn.Module) -> None:
         """Shard a task once (Lightning calls `configure_model` for fit and again for test): its

@@ -4,18 +4,23 @@ trainer. What train.py, evaluate.py and the tools share."""
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
-from omegaconf import DictConfig, open_dict
+from lightning.pytorch.plugins.io import CheckpointIO
+from omegaconf import DictConfig, ListConfig, open_dict
 
+from piip.data.files import remove_stray_temps
 from piip.errors import ConfigError
 from piip.models.numerics import configure_cpu_math  # noqa: F401 - the entry points call it first
+from piip.run.checkpoint_io import AtomicCheckpointIO
+from piip.run.checks import check_trainer_config
 from piip.run.config import plain
 from piip.tasks.base import PIIPTask
 from piip.tasks.data import TaskData
@@ -91,9 +96,35 @@ def previous_wandb_run(folder: Path) -> str | None:
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], loggers: list[Any]) -> L.Trainer:
+    """The Trainer, writing single-file checkpoints through `AtomicCheckpointIO` (unless the config brings
+    its own CheckpointIO, as a plugin or in the strategy), after `clean_output_folders`."""
+    check_trainer_config(cfg)
+    # piip's data modules resume mid-epoch themselves (their state_dict), so Lightning's "dataloader is not
+    # resumable" warning on such a resume is wrong here
+    warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable.*")
     if not loggers:  # `logger=none`: the LR monitor has nowhere to write and would refuse to start
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
+    clean_output_folders(cfg, callbacks)
+    configured = cfg.trainer.get("plugins") or []
+    configured = configured if isinstance(configured, ListConfig | list) else [configured]
+    plugins = [instantiate(p, _convert_="all") if isinstance(p, DictConfig) else p for p in configured]
+    strategy = cfg.trainer.get("strategy")
+    own_io = isinstance(strategy, DictConfig) and strategy.get("checkpoint_io") is not None
+    if not own_io and not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
+    return instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins or None, _convert_="all"
+    )
+
+
+def clean_output_folders(cfg: DictConfig, callbacks: list[L.Callback]) -> list[Path]:
+    """Delete the temporaries a killed run left (`piip.data.files.remove_stray_temps`) in the folders this
+    trainer writes: the run folder and each ModelCheckpoint's folder. This is the one place they are
+    cleaned: here, no writer of this run is active yet, and a run (or an evaluation) in another folder is
+    never touched."""
+    folders = {Path(cfg.trainer.default_root_dir)} if cfg.trainer.get("default_root_dir") else set()
+    folders |= {Path(c.dirpath) for c in callbacks if isinstance(c, ModelCheckpoint) and c.dirpath}
+    return [removed for folder in sorted(folders) for removed in remove_stray_temps(folder)]
 
 
 def close_loggers(trainer: L.Trainer) -> None:

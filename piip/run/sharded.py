@@ -4,6 +4,8 @@ A sharded checkpoint is a folder (named like the file it replaces, e.g. `last.ck
 checkpoint (DCP) shards of `state_dict` and `optimizer_0` written by every rank, plus Lightning's `meta.pt`
 with everything else (hyper-parameters with the run config, loops, callbacks). Here it becomes the same
 dictionary a single-file checkpoint holds, so evaluation, `init_from` and resume checks treat both alike.
+`FSDP2Strategy.save_checkpoint` fills such a folder as a hidden sibling and swaps it in
+(`piip.data.files.replace_folder`), so a folder under its final name is always complete.
 """
 
 from __future__ import annotations

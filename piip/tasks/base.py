@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 import lightning as L
 import numpy as np
@@ -21,13 +21,37 @@ from torch import nn
 from piip.errors import ConfigError
 from piip.models import PIIPBackbone, PIIPConfig
 from piip.tasks.data import TaskData
+from piip.tasks.finite import (
+    checkpoint_candidates,
+    describe,
+    find_nonfinite,
+    last_finite_checkpoint,
+    read_file_weights,
+)
 from piip.tasks.optim import OptimConfig, build_optimizer, build_scheduler, parameter_groups
 
 log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
-    """Raised before the optimizer step, so no checkpoint is written from poisoned weights."""
+    """Training produced NaN/inf: in the loss or the gradients (raised before the optimizer step) or in the
+    weights the step wrote (raised right after it, before any callback can save them). Either way no
+    checkpoint holds them. `kind` (loss | gradients | weights), `step`, `epoch`, `batch`, `tensors` (this
+    rank's non-finite ones) and `last_good` (the newest checkpoint whose weights were read back finite)."""
+
+    def __init__(
+        self,
+        message: str,
+        kind: str = "loss",
+        step: int = -1,
+        epoch: int = -1,
+        batch: int = -1,
+        tensors: list[str] | None = None,
+        last_good: Path | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.kind, self.step, self.epoch, self.batch = kind, step, epoch, batch
+        self.tensors, self.last_good = tensors or [], last_good
 
 
 class PIIPTask(L.LightningModule):
@@ -168,15 +192,72 @@ class PIIPTask(L.LightningModule):
 
     # -- guards and logging -------------------------------------------------------------------------------
     def check_finite(self, loss: torch.Tensor, batch_idx: int) -> None:
+        """The loss of this training step (called by each task's `training_step`)."""
         if not torch.isfinite(loss.detach()).all():
-            saved = [c.last_model_path for c in self.trainer.checkpoint_callbacks if c.last_model_path]
-            last = saved[0] if saved else "none written yet"
-            raise NonFiniteLossError(
-                f"non-finite training loss ({loss.item()}) at global step {self.global_step}, epoch "
-                f"{self.current_epoch}, batch {batch_idx}; stopped before the optimizer step. The last good "
-                f"checkpoint is untouched: {last}. Lower task.optim.lr, enable task.optim.gradient_clip, "
-                "or check this batch's data."
-            )
+            self.stop_nonfinite(f"non-finite training loss ({loss.item()})", "loss", batch_idx, [], "before")
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """The gradients, before the optimizer (or clipping) uses them. Not under fp16 AMP: its GradScaler
+        expects inf gradients now and then, skips those steps and lowers its scale."""
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return
+        grads = {name: p.grad for name, p in self.named_parameters() if p.grad is not None}
+        anywhere, bad = find_nonfinite(grads)
+        if anywhere:
+            what = f"non-finite gradients in {describe(bad, len(grads))}"
+            self.stop_nonfinite(what, "gradients", self.trainer.fit_loop.epoch_loop.batch_idx, bad, "before")
+
+    def optimizer_step(
+        self,
+        epoch: int,
+        batch_idx: int,
+        optimizer: Any,
+        optimizer_closure: Any = None,
+    ) -> None:
+        """The step, then the weights it wrote (trainable parameters and floating buffers): a step with a
+        finite loss and finite gradients can still overflow them (a huge learning rate). Checked before
+        `on_train_batch_end`, where ModelCheckpoint would save them."""
+        step = self.global_step
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        weights = {name: p for name, p in self.named_parameters() if p.requires_grad}
+        weights |= {name: b for name, b in self.named_buffers() if b.is_floating_point()}
+        anywhere, bad = find_nonfinite(weights)
+        if anywhere:
+            what = f"the optimizer step wrote non-finite weights into {describe(bad, len(weights))}"
+            self.stop_nonfinite(what, "weights", batch_idx, bad, "after", step=step)
+
+    def stop_nonfinite(
+        self, what: str, kind: str, batch_idx: int, tensors: list[str], when: str, step: int | None = None
+    ) -> NoReturn:
+        """Raise NonFiniteLossError naming the step and the last checkpoint whose weights are finite."""
+        step = self.global_step if step is None else step
+        last, note = self.last_finite_checkpoint()
+        stopped = (
+            "stopped before the optimizer step (the weights are unchanged)"
+            if when == "before"
+            else "stopped before any checkpoint of these weights"
+        )
+        raise NonFiniteLossError(
+            f"{what} at global step {step}, epoch {self.current_epoch}, batch {batch_idx}; {stopped}. "
+            f"The last good checkpoint (weights read back, all finite): {last or 'none'}{note}. Lower "
+            "task.optim.lr, enable task.optim.gradient_clip, or check this batch's data.",
+            kind=kind,
+            step=step,
+            epoch=self.current_epoch,
+            batch=batch_idx,
+            tensors=tensors,
+            last_good=last,
+        )
+
+    def last_finite_checkpoint(self) -> tuple[Path | None, str]:
+        """The newest checkpoint in the checkpoint callbacks' folders whose weights, read from disk, are all
+        finite (rank 0 reads; other ranks point to its message), and a note on those skipped."""
+        if not self.trainer.is_global_zero:
+            return None, " (rank 0 names it)"
+        folders = [Path(c.dirpath) for c in self.trainer.checkpoint_callbacks if getattr(c, "dirpath", None)]
+        read = getattr(self.trainer.strategy.checkpoint_io, "read_weights", read_file_weights)
+        last, skipped = last_finite_checkpoint(checkpoint_candidates(folders), read)
+        return last, f" (skipped: {'; '.join(skipped)})" if skipped else ""
 
     @staticmethod
     def gather_objects(obj: Any) -> list[Any]:

@@ -14,6 +14,8 @@ import numpy as np
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from PIL import Image
 
+from piip.data.files import atomic_file
+
 IMAGE_DIR = "images"
 
 
@@ -43,6 +45,7 @@ def log_images(module: L.LightningModule, key: str, images: list[np.ndarray]) ->
     paths = []
     for i, image in enumerate(images):
         path = folder / f"step{step:07d}_{i}.png"
-        Image.fromarray(image).save(path)
+        with atomic_file(path) as stream:
+            Image.fromarray(image).save(stream, format="PNG")
         paths.append(path)
     return paths

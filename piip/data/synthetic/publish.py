@@ -2,9 +2,12 @@
 
 Every format writer (`imagenet`, `coco`, `ade20k`, `llava`) goes through here, so all of them share one
 contract: files are written into a hidden sibling temp directory, the manifest `MANIFEST_NAME` is added
-last and the directory is renamed to `root` only when complete, so an interrupted run never leaves a
-`root` that looks finished. A `root` is reused only if its manifest matches the requested one and its
-directory listings are complete; anything else raises instead of being overwritten.
+last, everything is fsynced and the directory is renamed to `root` only when complete (the parent folder
+fsynced after), so an interrupted run never leaves a `root` that looks finished. The temp directory is
+named after its host and process; one left by a killed process of this host is deleted by the next
+`write_atomically` for the same `root` (a live writer's, e.g. another rank's, is left alone). A `root`
+is reused only if its manifest matches the requested one and its directory listings are complete;
+anything else raises instead of being overwritten.
 
 The engine knows nothing about the formats: each writer passes its expected manifest and a `CheckFiles`
 callable that checks its own layout's files (most use `check_listing` with their `FileListing`).
@@ -15,11 +18,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+
+from piip.data.files import fsync_folder, fsync_tree
 
 __all__ = [
     "MANIFEST_NAME",
@@ -28,6 +35,7 @@ __all__ = [
     "check_existing",
     "check_listing",
     "ensure_layout",
+    "remove_stale_temps",
     "write_atomically",
 ]
 
@@ -110,15 +118,48 @@ def write_atomically(
     if root.exists() and not _is_empty_dir(root):
         raise FileExistsError(f"{root} already exists and is not empty; {ensure_name} reuses it")
     root.parent.mkdir(parents=True, exist_ok=True)
-    temp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    remove_stale_temps(root)
+    temp = root.parent / f".{root.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         temp.mkdir()
         fill(temp)
         manifest = json.dumps(expected, indent=2, sort_keys=True) + "\n"
         (temp / MANIFEST_NAME).write_text(manifest)
+        fsync_tree(temp)
         _publish(temp, root, expected, check_files)
+        fsync_folder(root.parent)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
+
+
+_TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}$")
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temps(root: Path) -> list[Path]:
+    """Delete temp directories of `root` whose writer, a process of this host, is gone (a killed
+    generation). Those of other hosts are left alone: their process cannot be asked from here (POSIX only:
+    on Windows `os.kill` would end the process)."""
+    if os.name != "posix" or not root.parent.is_dir():
+        return []
+    host, removed = socket.gethostname(), []
+    for entry in root.parent.iterdir():
+        match = _TEMP.match(entry.name)
+        if match and match["name"] == root.name and match["host"] == host and not _running(int(match["pid"])):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    if removed:
+        log.info("removed %d temp folder(s) of killed generations: %s", len(removed), removed)
+    return removed
 
 
 def ensure_layout(
