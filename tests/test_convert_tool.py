@@ -12,6 +12,7 @@ import torch
 
 from piip.errors import CheckpointError
 from piip.run.checkpoints import load_task_from_checkpoint, read_checkpoint
+from piip.run.cli import run_tool
 from piip.run.convert import read_official
 from piip.tools.convert import main
 from tests.official_fixtures import read, unpack
@@ -28,6 +29,13 @@ TINY = [
 ]
 
 
+def convert_cli(args: list[str]) -> int:
+    """`python -m piip.tools.convert ARGS` in this process: its exit code (user errors: one line, code 1)."""
+    with pytest.raises(SystemExit) as exit_:
+        run_tool("convert", main, args)
+    return exit_.value.code
+
+
 @pytest.fixture(scope="module")
 def official(tmp_path_factory) -> tuple[Path, dict]:
     record = read("e2e_shapes_piip_tiny")
@@ -39,7 +47,7 @@ def official(tmp_path_factory) -> tuple[Path, dict]:
 def test_converted_checkpoint_rebuilds_the_official_model(official, tmp_path, capsys) -> None:
     src, record = official
     out = tmp_path / "converted.ckpt"
-    assert main([str(src), str(out), *TINY]) == 0
+    assert convert_cli([str(src), str(out), *TINY]) == 0
     printed = capsys.readouterr().out
     assert "292 tensors" in printed and "branch1.pos_embed[:, 0]" in printed
     checkpoint = read_checkpoint(out)
@@ -53,7 +61,7 @@ def test_converted_checkpoint_rebuilds_the_official_model(official, tmp_path, ca
 def test_a_checkpoint_of_another_model_is_refused_with_its_mismatches(official, tmp_path, capsys) -> None:
     src, _ = official
     out = tmp_path / "converted.ckpt"
-    assert main([str(src), str(out), "task=shapes"]) == 1  # piip_tiny as configured: other widths
+    assert convert_cli([str(src), str(out), "task=shapes"]) == 1  # piip_tiny as configured: other widths
     error = capsys.readouterr().err
     assert "does not convert to the configured model" in error
     assert "checkpoint (32,) vs model (96,)" in error  # the largest branch: 32 wide here, 96 in piip_tiny
@@ -64,7 +72,7 @@ def test_unknown_official_keys_are_listed(official, tmp_path, capsys) -> None:
     src, record = official
     state = unpack(record["state_dict"]) | {"branch1.extra_norm.weight": torch.ones(32)}
     torch.save({"model": state}, tmp_path / "extra.pth")
-    assert main([str(tmp_path / "extra.pth"), str(tmp_path / "out.ckpt"), *TINY]) == 1
+    assert convert_cli([str(tmp_path / "extra.pth"), str(tmp_path / "out.ckpt"), *TINY]) == 1
     assert "official key with no place in piip: backbone.branch1.extra_norm.weight" in capsys.readouterr().err
 
 
@@ -100,7 +108,7 @@ def test_read_official_names_what_it_expected(tmp_path) -> None:
 def test_evaluate_py_runs_on_a_converted_checkpoint(official, tmp_path) -> None:
     src, _ = official
     out = tmp_path / "converted.ckpt"
-    assert main([str(src), str(out), *TINY]) == 0
+    assert convert_cli([str(src), str(out), *TINY]) == 0
     result = subprocess.run(
         [sys.executable, "evaluate.py", f"ckpt_path={out}", "trainer=cpu", f"paths.root_dir={tmp_path}"],
         cwd=ROOT,
@@ -115,7 +123,7 @@ def test_evaluate_py_runs_on_a_converted_checkpoint(official, tmp_path) -> None:
 def test_train_py_starts_from_a_converted_checkpoint(official, tmp_path) -> None:
     src, _ = official
     out = tmp_path / "converted.ckpt"
-    assert main([str(src), str(out), *TINY]) == 0
+    assert convert_cli([str(src), str(out), *TINY]) == 0
     run = [
         *TINY,
         f"init_from={out}",

@@ -10,7 +10,7 @@ from PIL import Image
 
 from piip.data import ImageFolderDataModule
 from piip.data.sampling import SampleKey
-from piip.errors import DataError
+from piip.errors import ConfigError, DataError
 
 
 def write_split(root: Path, split: str, classes: dict[str, int], size: int = 40) -> None:
@@ -94,4 +94,16 @@ def test_resume_state_starts_the_loader_where_training_stopped(dataset_root):
     assert [k.index for k in data.train_dataloader().sampler] == full[8:]
     data.load_state_dict({"epoch": 0, "batches_done": 3, "batch_size": 4})  # epoch was complete
     sampler = data.train_dataloader().sampler
-    assert sampler.epoch == 1 and len(list(sampler)) == 12
+    assert list(sampler) == []  # the finished epoch, if Lightning opens it again, yields nothing
+    sampler.set_epoch(1)
+    assert len(list(sampler)) == 12
+
+
+def test_a_train_split_smaller_than_one_batch_is_refused_at_setup(dataset_root):
+    data = ImageFolderDataModule(
+        str(dataset_root), input_size=32, batch_size=16, num_workers=0, pin_memory=False, seed=0
+    )
+    with pytest.raises(
+        ConfigError, match=r"task\.data\.batch_size=16 is larger than the train split.*12 samples"
+    ):
+        data.setup("fit")

@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from piip.data.sampling import ResumableSampler
-from piip.errors import DataError
+from piip.errors import ConfigError, DataError
+from piip.models.checks import optional_whole_number, whole_number
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +49,35 @@ class ResumableDataModule(L.LightningDataModule):
         seed: int,
     ) -> None:
         super().__init__()
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
+        self.batch_size = whole_number(batch_size, "task.data.batch_size")
+        eval_batch_size = optional_whole_number(eval_batch_size, "task.data.eval_batch_size")
+        self.eval_batch_size = eval_batch_size or self.batch_size
+        self.num_workers = whole_number(num_workers, "task.data.num_workers", minimum=0)
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
         self.seed = seed
         self._resume: dict[str, int] | None = None
         self._train_sampler: ResumableSampler | None = None
+
+    def setup(self, stage: str) -> None:
+        """Set-up checks every format shares (subclasses that override call this): before fitting, the train
+        split must fill one batch on every device, since loaders keep full batches only (`drop_last`)."""
+        if stage == TrainerFn.FITTING:
+            self.check_train_size(len(self.train_dataset()))
+
+    def check_train_size(self, size: int) -> None:
+        """Refuse a train split smaller than one batch per device: the run would take zero steps."""
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if size // world >= self.batch_size:
+            return
+        per_device = size // world
+        spread = f", {per_device} per device over {world} devices" if world > 1 else ""
+        fix = f"lower task.data.batch_size to at most {per_device}" if per_device else "use fewer devices"
+        raise ConfigError(
+            f"task.data.batch_size={self.batch_size} is larger than the train split at {self.root} "
+            f"({size} samples{spread}): training keeps full batches only, so an epoch would take 0 steps; "
+            f"{fix}, or add training data"
+        )
 
     def train_dataset(self) -> Dataset:
         raise NotImplementedError
@@ -115,6 +138,10 @@ class ResumableDataModule(L.LightningDataModule):
             persistent_workers=self.persistent_workers,
             drop_last=train,  # full batches only: Mixup needs even sizes, and every rank takes the same steps
             collate_fn=self.collate_fn,
+            # its own generator: opening an iterator draws the workers' base seed, which would otherwise come
+            # from the global RNG the model's drop-path reads, so a resumed run (which may open one more
+            # iterator) would drift; augmentations are seeded per sample (SampleKey), not by that base seed
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     # -- resuming mid-epoch -------------------------------------------------------------------------------
@@ -145,8 +172,7 @@ class ResumableDataModule(L.LightningDataModule):
             )
             sampler.resume(state["epoch"], 0)
             return
-        batches_per_epoch = len(sampler) // self.batch_size
-        if state["batches_done"] >= batches_per_epoch:
-            sampler.resume(state["epoch"] + 1, 0)
-        else:
-            sampler.resume(state["epoch"], state["batches_done"] * self.batch_size)
+        # A finished epoch is skipped whole, not replaced by the next one: resuming from an epoch-end
+        # checkpoint, Lightning may open that epoch's loader once more before the next (`set_epoch` then moves
+        # the sampler on); an empty pass draws no augmentation randomness, a replayed one would shift it.
+        sampler.resume(state["epoch"], state["batches_done"] * self.batch_size)

@@ -10,8 +10,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 from timm.data import create_transform
 from torchvision.datasets import ImageFolder
+from torchvision.transforms.functional import pil_to_tensor
 
 from piip.data.base import ResumableDataModule, load_rgb
 from piip.data.sampling import SeededTransform
@@ -88,6 +90,8 @@ class ImageFolderDataModule(ResumableDataModule):
                 raise DataError(
                     f"{self.root}: train/ and val/ must hold the same class folders; they differ in {missing}"
                 )
+            if stage == "fit":
+                self.check_train_size(len(self.train_set))
 
     @property
     def classes(self) -> list[str]:
@@ -98,6 +102,11 @@ class ImageFolderDataModule(ResumableDataModule):
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def class_names(self) -> list[str]:
+        """The class folder names (label order): checkpoints keep them, so predictions name classes."""
+        return self.classes
 
     # -- transforms ---------------------------------------------------------------------------------------
     def train_transform(self):
@@ -116,3 +125,9 @@ class ImageFolderDataModule(ResumableDataModule):
     def val_dataset(self) -> SeededTransform:
         self.setup("validate")
         return SeededTransform(self.val_set, self.eval_transform(), self.seed, random_transform=False)
+
+    def prediction_input(self, path: str | Path) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """A user's image file through the validation transform, with the original pixels (3×H×W uint8)
+        as the target, for `ClassificationTask.draw_predictions` to caption at the image's own size."""
+        image = load_rgb(str(path))
+        return self.eval_transform()(image), {"original": pil_to_tensor(image)}

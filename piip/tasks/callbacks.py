@@ -1,4 +1,4 @@
-"""Callbacks Lightning does not ship: RNG state in checkpoints, the images in a batch for throughput."""
+"""Callbacks Lightning does not ship: RNG state in checkpoints, last.ckpt on two triggers, batch sizes."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 
 class RNGState(L.Callback):
@@ -65,3 +66,29 @@ def batch_images(batch: Any) -> int:
         return batch.num_samples
     images = batch["images"] if isinstance(batch, dict) else batch[0]
     return len(images)
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """`last.ckpt` every `every_n_train_steps` steps *and* at every training-epoch end, each one a state a
+    resume continues from exactly.
+
+    Lightning's `ModelCheckpoint` takes one trigger: with `every_n_train_steps` set it never saves at an
+    epoch end, so a run's final `last.ckpt` could be hundreds of steps old. And a step save that falls on an
+    epoch's last batch records the epoch before its validation has run; resuming from it (after a kill in
+    that validation) skipped the epoch's end. So the step trigger leaves an epoch's last batch alone, and the
+    epoch-end save comes after the validation (Lightning calls `on_train_epoch_end` after it).
+    """
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if args[-1] + 1 >= trainer.num_training_batches:  # batch_idx of the epoch's last batch
+            return
+        super().on_train_batch_end(trainer, pl_module, *args)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if (
+            self.save_last
+            and trainer.state.fn == "fit"
+            and not (trainer.fast_dev_run or trainer.sanity_checking)
+        ):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
@@ -122,3 +124,44 @@ class ClassificationTask(PIIPTask, requires={"head": "classification"}):
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "test")
+
+    # -- pictures -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def top_classes(self, images: torch.Tensor, k: int = 5) -> list[list[tuple[str, float]]]:
+        """The k most probable (class name, probability) pairs of each image, most probable first."""
+        was_training = self.training
+        self.eval()
+        try:
+            probabilities = self(images.to(self.device)).float().softmax(dim=-1).cpu()
+        finally:
+            self.train(was_training)
+        names = self.known_class_names or [f"class {i}" for i in range(probabilities.shape[-1])]
+        top = probabilities.topk(min(k, probabilities.shape[-1]), dim=-1)
+        return [
+            [(names[i], p) for p, i in zip(values.tolist(), indices.tolist(), strict=True)]
+            for values, indices in zip(top.values, top.indices, strict=True)
+        ]
+
+    @staticmethod
+    def draw_predictions(
+        targets: list[dict[str, Any]], rankings: list[list[tuple[str, float]]]
+    ) -> list[np.ndarray]:
+        """Each original picture (`target["original"]`, 3×H×W uint8) with its top class and probability in a
+        band below it, so the caption hides none of the image; the band widens narrow images to fit it."""
+        font = ImageFont.load_default()
+        pictures = []
+        for target, ranking in zip(targets, rankings, strict=True):
+            image = Image.fromarray(target["original"].permute(1, 2, 0).cpu().numpy())
+            name, probability = ranking[0]
+            caption = f"{name} {probability:.1%}"
+            left, top, right, bottom = ImageDraw.Draw(image).textbbox((0, 0), caption, font=font)
+            band = bottom - top + 8
+            canvas = Image.new("RGB", (max(image.width, right - left + 8), image.height + band), "white")
+            canvas.paste(image, (0, 0))
+            ImageDraw.Draw(canvas).text((4, image.height + 4 - top), caption, fill="black", font=font)
+            pictures.append(np.asarray(canvas))
+        return pictures
+
+    def annotate(self, images: list[torch.Tensor], targets: list[dict[str, Any]]) -> list[np.ndarray]:
+        """Predict and draw (`prediction_input` pairs): each picture captioned with its top class."""
+        return self.draw_predictions(targets, self.top_classes(torch.stack(images)))

@@ -31,13 +31,18 @@ from rich.table import Table
 from piip.analysis.benchmark import MODES, model_entry, ratios
 from piip.data.files import write_json
 from piip.errors import ConfigError
-from piip.run.cli import quote_resolution_overrides
+from piip.models.checks import whole_number
+from piip.run.cli import one_line_errors, quote_resolution_overrides, run_tool
 from piip.run.config import CONF_DIR, backbone_dict, compose
 from piip.run.results import paper_complexity
 
 
 def settings_of(cfg: DictConfig) -> dict[str, Any]:
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.split(":")[0] not in ("cpu", "cuda"):
+        raise ConfigError(f"device: expected auto, cpu or cuda[:N], got {cfg.device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("device=cuda: no CUDA device is visible here; use device=cpu or device=auto")
     if cfg.dtype not in ("fp32", "bf16"):
         raise ConfigError(f"dtype: expected fp32 or bf16, got {cfg.dtype!r}")
     modes = list(cfg.modes)
@@ -49,9 +54,9 @@ def settings_of(cfg: DictConfig) -> dict[str, Any]:
         "dtype": cfg.dtype,
         "compile": bool(cfg.compile),
         "grad_checkpointing": bool(cfg.grad_checkpointing),
-        "batch_size": int(cfg.batch_size),
-        "warmup": int(cfg.warmup),
-        "iters": int(cfg.iters),
+        "batch_size": whole_number(cfg.batch_size, "batch_size"),
+        "warmup": whole_number(cfg.warmup, "warmup", minimum=0),
+        "iters": whole_number(cfg.iters, "iters"),
         "modes": modes,
         "threads": torch.get_num_threads(),
     }
@@ -134,6 +139,7 @@ def print_table(report: dict[str, Any]) -> None:
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="benchmark", version_base="1.3")
+@one_line_errors
 def main(cfg: DictConfig) -> None:
     report = run(cfg)
     if cfg.output:
@@ -146,4 +152,4 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     quote_resolution_overrides()
-    main()
+    run_tool("benchmark", main)

@@ -16,12 +16,12 @@ import sys
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from piip.data.base import load_rgb
 from piip.data.llava.dataset import ImageProcessor
-from piip.errors import DataError
+from piip.errors import CheckpointError, ConfigError, DataError
 from piip.run import build, checkpoints
+from piip.run.cli import key_value_args, run_tool
 
 USAGE = (
     "usage: python -m piip.tools.chat ckpt_path=PATH [image=FILE] [question=TEXT] [device=cpu|cuda] "
@@ -38,18 +38,21 @@ def chat(
 ) -> list[str]:
     """The answers given (one with `question`, else one per line read from stdin)."""
     build.configure_cpu_math()
-    saved, backbone, module = checkpoints.load_task_from_checkpoint(Path(ckpt_path).expanduser().resolve())
-    if not hasattr(module, "answer"):
-        raise SystemExit(
-            f"{ckpt_path} holds a {saved.task.kind} model ({saved.task.name}), not a multimodal one"
+    checkpoint = Path(ckpt_path).expanduser().resolve()
+    task = checkpoints.read_checkpoint(checkpoint, weights=False)["hyper_parameters"]["run_config"]["task"]
+    if task.get("kind") != "multimodal":  # said before the model is built
+        raise CheckpointError(
+            f"{checkpoint} holds a {task.get('kind')} model ({task.get('name')}), not a multimodal one; "
+            f"draw its predictions with python -m piip.tools.predict ckpt_path={checkpoint} image=…"
         )
+    path = Path(image).expanduser() if image is not None else None
+    if path is not None and not path.is_file():
+        raise DataError(f"image={path}: no such file")
+    saved, backbone, module = checkpoints.load_task_from_checkpoint(checkpoint)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     module.to(device).eval()
     pixels = None
-    if image is not None:
-        path = Path(image).expanduser()
-        if not path.is_file():
-            raise DataError(f"image={path}: no such file")
+    if path is not None:
         processor = ImageProcessor(
             backbone["resolutions"][0], saved.task.data.get("image_aspect_ratio", "pad")
         )
@@ -75,13 +78,15 @@ def _read_questions():
         yield line.strip()
 
 
-def main(argv: list[str]) -> None:
-    args = OmegaConf.to_container(OmegaConf.from_cli(argv))
-    unknown = sorted(set(args) - {"ckpt_path", "image", "question", "device", "max_new_tokens"})
-    if "ckpt_path" not in args or unknown:
-        raise SystemExit(f"{USAGE}\nunknown: {unknown}" if unknown else USAGE)
-    chat(**{k: v if k == "max_new_tokens" else str(v) for k, v in args.items()})
+def main(argv: list[str]) -> int:
+    args = key_value_args(argv, ("ckpt_path",), ("image", "question", "device", "max_new_tokens"), USAGE)
+    if "max_new_tokens" in args:
+        if not args["max_new_tokens"].isdigit():
+            raise ConfigError(f"max_new_tokens: expected a positive integer, got {args['max_new_tokens']!r}")
+        args["max_new_tokens"] = int(args["max_new_tokens"])
+    chat(**args)
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_tool("chat", main, sys.argv[1:])

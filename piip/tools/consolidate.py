@@ -11,18 +11,20 @@ it is for `evaluate.py`, `init_from=`, `piip.tools.predict` and sharing. To resu
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from piip.data.files import write_torch
 from piip.errors import CheckpointError
 from piip.run.checkpoints import read_checkpoint
+from piip.run.cli import OneLineArgumentParser, run_tool
 from piip.run.sharded import CONSOLIDATED_SUFFIX, is_sharded_checkpoint
 
 
 def consolidate(folder: Path, out: Path | None = None) -> Path:
     """Write `<folder stem>.consolidated.ckpt` beside the folder (or `out`); returns the path written."""
+    if not folder.exists():
+        raise CheckpointError(f"{folder}: no such checkpoint folder")
     if not is_sharded_checkpoint(folder):
         raise CheckpointError(
             f"{folder} is not a sharded checkpoint folder (expected meta.pt and .metadata in it, as "
@@ -35,18 +37,16 @@ def consolidate(folder: Path, out: Path | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(
+        prog="python -m piip.tools.consolidate", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("checkpoint", type=Path, help="sharded checkpoint folder, e.g. checkpoints/last.ckpt")
     parser.add_argument("--out", type=Path, default=None, help="file to write (default: beside the folder)")
     args = parser.parse_args(argv)
-    try:
-        path = consolidate(args.checkpoint.expanduser(), args.out)
-    except CheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    path = consolidate(args.checkpoint.expanduser(), args.out)
     print(f"consolidated: {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_tool("consolidate", main, sys.argv[1:])

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import sys
 
-from piip.errors import CheckpointError, ConfigError
-from piip.run.cli import quote_resolution_overrides
+from piip.errors import ConfigError
+from piip.run.cli import quote_resolution_overrides, run_tool
 from piip.run.convert import convert
 
 USAGE = (
@@ -30,14 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [a for a in args if "=" in a and not a.startswith("trust_pickle=")]
     trust = any(a.lower() in ("trust_pickle=true", "trust_pickle=1") for a in args)
     if len(positional) != 2:
-        print(f"{USAGE}\n(got {len(positional)} paths: {positional})", file=sys.stderr)
-        return 2
+        raise ConfigError(f"expected the paths SRC and OUT, got {len(positional)}: {positional}; {USAGE}")
     src, out = positional
-    try:
-        report = convert(src, out, [*overrides, "logger=none"], trust_pickle=trust)
-    except (CheckpointError, ConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    report = convert(src, out, [*overrides, "logger=none"], trust_pickle=trust)
     print(f"wrote {report.out}: {report.tensors} tensors for model={report.model}")
     if report.official_config:
         print(f"official config: {report.official_config}")
@@ -48,4 +43,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_tool("convert", main)

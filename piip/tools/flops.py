@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from piip.run.cli import quote_resolution_overrides
+from piip.run.cli import one_line_errors, quote_resolution_overrides, run_tool
 from piip.run.config import CONF_DIR, backbone_dict
 from piip.run.results import flops_report
 
@@ -23,6 +23,7 @@ __all__ = ["flops_report", "main"]
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="flops", version_base="1.3")
+@one_line_errors
 def main(cfg: DictConfig) -> None:
     backbone = backbone_dict(cfg)
     report = flops_report(cfg, backbone)
@@ -40,4 +41,4 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     quote_resolution_overrides()
-    main()
+    run_tool("flops", main)

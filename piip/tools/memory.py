@@ -36,8 +36,9 @@ from piip.analysis.memory import (
 from piip.data.files import write_json
 from piip.errors import ConfigError
 from piip.models import PIIPBackbone, PIIPConfig
+from piip.models.checks import whole_number
 from piip.run.build import build_task, configure_cpu_math
-from piip.run.cli import quote_resolution_overrides
+from piip.run.cli import one_line_errors, quote_resolution_overrides, run_tool
 from piip.run.config import CONF_DIR, backbone_dict
 
 GIB = 2**30
@@ -101,14 +102,16 @@ def training_input(cfg: DictConfig, resolutions: list[int], batch_size: int) -> 
 def settings_of(cfg: DictConfig) -> dict[str, Any]:
     if cfg.dtype not in DTYPES:
         raise ConfigError(f"dtype: expected one of {list(DTYPES)}, got {cfg.dtype!r}")
-    if int(cfg.devices) < 1:
+    devices = whole_number(cfg.devices, "devices", minimum=0)
+    if devices < 1:
         raise ConfigError(f"devices: expected a positive number of GPUs, got {cfg.devices}")
     batch = cfg.batch_size
     if batch is None:
         batch = ((cfg.task.get("data") or {}).get("batch_size")) or 1
-    if int(batch) < 1:
+    batch = whole_number(batch, "batch_size", minimum=0)
+    if batch < 1:
         raise ConfigError(f"batch_size: expected at least 1 image per GPU, got {batch}")
-    return {"batch_size": int(batch), "devices": int(cfg.devices), "dtype": cfg.dtype}
+    return {"batch_size": batch, "devices": devices, "dtype": cfg.dtype}
 
 
 def estimate(cfg: DictConfig) -> dict[str, Any]:
@@ -237,6 +240,7 @@ def markdown_row(report: dict[str, Any]) -> str:
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="memory", version_base="1.3")
+@one_line_errors
 def main(cfg: DictConfig) -> None:
     configure_cpu_math()  # validate=true runs real CPU steps: no subnormal slowdown
     report = estimate(cfg)
@@ -253,4 +257,4 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     quote_resolution_overrides()
-    main()
+    run_tool("memory", main)

@@ -6,7 +6,11 @@ paper's; `tests/test_paper_table.py` checks each row within 2 %.
 
 from __future__ import annotations
 
+import sys
+
 from piip.analysis.paper_rows import ROWS, PaperRow
+from piip.errors import ConfigError
+from piip.run.cli import run_tool
 from piip.run.config import compose
 from piip.run.results import paper_complexity
 
@@ -23,7 +27,11 @@ def relative_error(ours: float, paper: float) -> float:
     return abs(ours - paper) / paper
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    if argv:
+        raise ConfigError(
+            f"takes no arguments (got {' '.join(argv)}); usage: python -m piip.tools.paper_table"
+        )
     print(
         "| table | model | task | resolution | #Param ours / paper (M) | #FLOPs ours / paper (G) | Δ FLOPs |"
     )
@@ -42,7 +50,8 @@ def main() -> None:
             f"{params:.1f} / {paper_params} | {gflops:.1f} / {paper_gflops} | {delta}{note} |",
             flush=True,
         )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    run_tool("paper_table", main, sys.argv[1:])

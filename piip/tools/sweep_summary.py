@@ -18,7 +18,6 @@ chosen metric against actual GFLOPs, one point per finished job; default PREFIX 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +32,7 @@ from piip.analysis.sweeps import (
     resolve_metric,
     write_csv,
 )
+from piip.run.cli import OneLineArgumentParser, run_tool
 
 
 def _output_prefix(root: Path, out: str | None) -> Path:
@@ -45,7 +45,7 @@ def _output_prefix(root: Path, out: str | None) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; problems that leave nothing to summarise raise SystemExit with a message."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="python -m piip.tools.sweep_summary",
         description="Summarise a Hydra multirun sweep: a CSV of every job and a metric-vs-GFLOPs scatter.",
     )
@@ -86,4 +86,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_tool("sweep_summary", main, sys.argv[1:])
