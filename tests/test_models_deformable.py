@@ -157,3 +157,44 @@ def test_deformable_attention_runs_in_float32_under_autocast(input_dtype):
     assert out.dtype == torch.float32
     # the math ran in float32: same numbers as without autocast (bf16 would be off by ~1e-2)
     torch.testing.assert_close(out, plain, atol=1e-6, rtol=1e-6)
+
+
+def test_multi_scale_attention_matches_a_loop_over_levels_heads_and_points():
+    """DINO's form: 3 levels of different (non-square) shapes, one softmax over levels x points per head."""
+    shapes = [(4, 6), (2, 3), (1, 2)]
+    heads, levels, points, dim = 2, len(shapes), 3, 8
+    attn = DeformableAttention(
+        dim, dim_feat=6, num_heads=heads, num_points=points, ratio=1.0, num_levels=levels
+    )
+    with torch.no_grad():
+        attn.sampling_offsets.weight.normal_(0, 0.5)
+        attn.attention_weights.weight.normal_(0, 0.5)
+    B, Nq = 2, 5
+    query = torch.randn(B, Nq, dim)
+    reference = torch.rand(B, Nq, levels, 2) * 1.2 - 0.1  # some reference points off the maps
+    feat = torch.randn(B, sum(h * w for h, w in shapes), 6)
+    with torch.no_grad():
+        out = attn.attend(query, reference, feat, shapes)
+        value = attn.value_proj(feat).view(B, -1, heads, dim // heads)
+        offsets = attn.sampling_offsets(query).view(B, Nq, heads, levels, points, 2)
+        weights = attn.attention_weights(query).view(B, Nq, heads, levels * points).softmax(-1)
+        weights = weights.view(B, Nq, heads, levels, points)
+        expected = torch.zeros(B, Nq, dim, dtype=torch.float64)
+        start = 0
+        for level, (H, W) in enumerate(shapes):
+            locations = reference[:, :, None, level, None, :] + offsets[:, :, :, level] / torch.tensor([W, H])
+            level_value = value[:, start : start + H * W]
+            expected += reference_sample(level_value, (H, W), locations, weights[:, :, :, level])
+            start += H * W
+        expected = attn.output_proj(expected.float())
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_multi_scale_init_points_the_same_way_on_every_level():
+    attn = DeformableAttention(dim=16, dim_feat=16, num_heads=4, num_points=2, ratio=0.5, num_levels=4)
+    bias = attn.sampling_offsets.bias.view(4, 4, 2, 2)  # heads, levels, points, (x, y)
+    assert attn.sampling_offsets.out_features == 4 * 4 * 2 * 2
+    torch.testing.assert_close(bias, bias[:, :1].expand_as(bias))
+    torch.testing.assert_close(bias[:, :, 1], 2 * bias[:, :, 0])  # point p reaches p + 1 pixels out
+    with pytest.raises(ValueError, match="built for 4 levels, got 1"):
+        attn.attend(torch.zeros(1, 3, 16), torch.zeros(1, 3, 1, 2), torch.zeros(1, 4, 16), [(2, 2)])

@@ -84,7 +84,7 @@ def paper_module_macs(
         return 2 * x.shape[0] * n * span * module.dim
     if isinstance(module, DeformableAttention):
         queries = deform_queries if deform_queries is not None else x.shape[0] * x.shape[1]
-        return 5 * queries * module.dim * module.num_points
+        return 5 * queries * module.dim * module.num_levels * module.num_points  # K = L x P samples
     if isinstance(module, CrossAttention):
         feat = inputs[2]
         return 2 * _numel(x) * feat.shape[1]

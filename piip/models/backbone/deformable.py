@@ -1,7 +1,9 @@
-"""Deformable cross-attention (Deformable DETR, one feature level) in plain PyTorch via `F.grid_sample`.
+"""Multi-scale deformable attention (Deformable DETR): L feature levels x P points per head, in plain PyTorch
+via `F.grid_sample`. The PIIP interactions use one level; DINO's encoder and decoder use four.
 
 Runs on CPU, GPU and under `torch.compile`; no compiled extension. The math always runs in float32 (as
-upstream forces for its CUDA op), whatever the autocast or parameter dtype.
+upstream forces for its CUDA op), whatever the autocast or parameter dtype. `SAMPLERS` is the one place a
+faster op (a Triton kernel) plugs in: same arguments, same result.
 """
 
 from __future__ import annotations
@@ -12,24 +14,41 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+Shapes = list[tuple[int, int]]
+
+
+def multi_scale_deformable_sample(
+    value: torch.Tensor, shapes: Shapes, locations: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """Weighted bilinear samples of L value maps at learned locations, summed over levels and points.
+
+    value: (B, sum_l H_l*W_l, heads, d), the levels' tokens one after the other; shapes: [(H_l, W_l)];
+    locations: (B, Nq, heads, L, P, 2) as (x, y) in [0, 1] of each level (pixel centres at (i + 0.5) / size);
+    weights: (B, Nq, heads, L, P). Returns (B, Nq, heads * d). Outside a map samples are zero
+    (`padding_mode='zeros'`, `align_corners=False`), as the CUDA op of Deformable DETR.
+    """
+    B, _, heads, d = value.shape
+    Nq, P = locations.shape[1], locations.shape[4]
+    out: torch.Tensor | float = 0.0
+    start = 0
+    for level, (H, W) in enumerate(shapes):
+        level_value = value[:, start : start + H * W].permute(0, 2, 3, 1).reshape(B * heads, d, H, W)
+        start += H * W
+        grid = (2 * locations[:, :, :, level] - 1).permute(0, 2, 1, 3, 4).reshape(B * heads, Nq, P, 2)
+        samples = F.grid_sample(level_value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        level_weights = weights[:, :, :, level].permute(0, 2, 1, 3).reshape(B * heads, 1, Nq, P)
+        out = out + (samples * level_weights).sum(-1)  # (B*heads, d, Nq)
+    return out.view(B, heads * d, Nq).transpose(1, 2)
+
 
 def deformable_sample(
     value: torch.Tensor, value_grid: tuple[int, int], locations: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:
-    """Weighted bilinear samples of `value` at `locations`.
+    """One level: locations (B, Nq, heads, P, 2), weights (B, Nq, heads, P) (see the multi-scale op)."""
+    return multi_scale_deformable_sample(value, [value_grid], locations.unsqueeze(3), weights.unsqueeze(3))
 
-    value: (B, Hk*Wk, heads, d); locations: (B, Nq, heads, P, 2) as (x, y) in [0, 1]
-    (pixel centres at (i + 0.5) / size); weights: (B, Nq, heads, P). Returns (B, Nq, heads * d).
-    Outside the map samples are zero (`padding_mode='zeros'`, `align_corners=False`).
-    """
-    B, _, heads, d = value.shape
-    Nq, P = locations.shape[1], locations.shape[3]
-    value = value.permute(0, 2, 3, 1).reshape(B * heads, d, *value_grid)
-    grid = (2 * locations - 1).permute(0, 2, 1, 3, 4).reshape(B * heads, Nq, P, 2)
-    samples = F.grid_sample(value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    weights = weights.permute(0, 2, 1, 3).reshape(B * heads, 1, Nq, P)
-    out = (samples * weights).sum(-1)  # (B*heads, d, Nq)
-    return out.view(B, heads * d, Nq).transpose(1, 2)
+
+SAMPLERS = {"torch": multi_scale_deformable_sample}
 
 
 def reference_points(grid: tuple[int, int], device: torch.device) -> torch.Tensor:
@@ -42,13 +61,23 @@ def reference_points(grid: tuple[int, int], device: torch.device) -> torch.Tenso
 
 
 class DeformableAttention(nn.Module):
-    """Queries attend to `num_points` learned offsets around their own position in the key map.
+    """Queries attend to `num_points` learned offsets per level around their reference point in each of
+    `num_levels` key maps, with one softmax over all levels and points of a head.
 
-    Values are projected to `int(dim * ratio)` channels (upstream's `deform_ratio`), from a key map of width
-    `dim_feat`; parameter names follow Deformable DETR's `MSDeformAttn`.
+    Values are projected to `int(dim * ratio)` channels (upstream's `deform_ratio`), from key maps of width
+    `dim_feat`; parameter names follow Deformable DETR's `MSDeformAttn`. `forward` is the PIIP interaction
+    (one level, queries on a grid); `attend` is the general form (DINO).
     """
 
-    def __init__(self, dim: int, dim_feat: int, num_heads: int = 16, num_points: int = 4, ratio: float = 0.5):
+    def __init__(
+        self,
+        dim: int,
+        dim_feat: int,
+        num_heads: int = 16,
+        num_points: int = 4,
+        ratio: float = 0.5,
+        num_levels: int = 1,
+    ):
         super().__init__()
         value_dim = int(dim * ratio)
         if dim % num_heads or value_dim % num_heads:
@@ -57,21 +86,24 @@ class DeformableAttention(nn.Module):
                 f"divisible by num_heads {num_heads}"
             )
         self.dim, self.num_heads, self.num_points, self.value_dim = dim, num_heads, num_points, value_dim
-        self.sampling_offsets = nn.Linear(dim, num_heads * num_points * 2)
-        self.attention_weights = nn.Linear(dim, num_heads * num_points)
+        self.num_levels = num_levels
+        self.sampling_offsets = nn.Linear(dim, num_heads * num_levels * num_points * 2)
+        self.attention_weights = nn.Linear(dim, num_heads * num_levels * num_points)
         self.value_proj = nn.Linear(dim_feat, value_dim)
         self.output_proj = nn.Linear(value_dim, dim)
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Deformable DETR init: zero offset weights, per-head directions 1..P pixels out, uniform weights."""
+        """Deformable DETR init: zero offset weights, per-head directions 1..P pixels out on every level,
+        uniform weights."""
         nn.init.zeros_(self.sampling_offsets.weight)
         theta = torch.arange(self.num_heads, dtype=torch.float32) * (2 * math.pi / self.num_heads)
         directions = torch.stack([theta.cos(), theta.sin()], -1)
         directions = directions / directions.abs().max(-1, keepdim=True).values
-        scale = torch.arange(1, self.num_points + 1, dtype=torch.float32)[None, :, None]
-        self.sampling_offsets.bias.copy_((directions[:, None, :] * scale).flatten())
+        scale = torch.arange(1, self.num_points + 1, dtype=torch.float32)[None, None, :, None]
+        grid = directions[:, None, None, :] * scale  # (heads, 1, P, 2): the same on every level
+        self.sampling_offsets.bias.copy_(grid.expand(-1, self.num_levels, -1, -1).flatten())
         for linear in (self.attention_weights,):
             nn.init.zeros_(linear.weight)
             nn.init.zeros_(linear.bias)
@@ -86,17 +118,29 @@ class DeformableAttention(nn.Module):
         feat: torch.Tensor,
         feat_grid: tuple[int, int],
     ) -> torch.Tensor:
-        """query (B, Hq*Wq, dim), feat (B, Hk*Wk, dim_feat) -> (B, Hq*Wq, dim) in float32."""
+        """PIIP's interaction: query (B, Hq*Wq, dim) on a grid, feat (B, Hk*Wk, dim_feat) one level ->
+        (B, Hq*Wq, dim) in float32; each query's reference point is its own cell centre."""
+        ref = reference_points(query_grid, query.device)[:, :, None, :]  # (1, Nq, 1 level, 2)
+        return self.attend(query, ref.expand(query.shape[0], -1, -1, -1), feat, [feat_grid])
+
+    def attend(
+        self, query: torch.Tensor, reference: torch.Tensor, feat: torch.Tensor, shapes: Shapes
+    ) -> torch.Tensor:
+        """query (B, Nq, dim); reference (B, Nq, L, 2) normalised (x, y) per level; feat (B, sum H_l*W_l,
+        dim_feat) holding the levels of `shapes` one after the other -> (B, Nq, dim) in float32."""
+        if len(shapes) != self.num_levels:
+            raise ValueError(f"deformable attention built for {self.num_levels} levels, got {len(shapes)}")
         device_type = "cpu" if query.device.type == "meta" else query.device.type
         with torch.autocast(device_type, enabled=False):
             linear = lambda layer, x: F.linear(x.float(), layer.weight.float(), layer.bias.float())
             B, Nq, _ = query.shape
-            h, P = self.num_heads, self.num_points
+            h, L, P = self.num_heads, self.num_levels, self.num_points
             value = linear(self.value_proj, feat).view(B, -1, h, self.value_dim // h)
-            offsets = linear(self.sampling_offsets, query).view(B, Nq, h, P, 2)
-            weights = linear(self.attention_weights, query).view(B, Nq, h, P).softmax(-1)
-            normaliser = torch.tensor([feat_grid[1], feat_grid[0]], device=query.device, dtype=torch.float32)
-            ref = reference_points(query_grid, query.device)
-            locations = ref[:, :, None, None, :] + offsets / normaliser
-            out = deformable_sample(value, feat_grid, locations, weights)
+            offsets = linear(self.sampling_offsets, query).view(B, Nq, h, L, P, 2)
+            weights = linear(self.attention_weights, query).view(B, Nq, h, L * P).softmax(-1)
+            normaliser = torch.tensor([[w, h_] for h_, w in shapes], device=query.device, dtype=torch.float32)
+            locations = (
+                reference.float()[:, :, None, :, None, :] + offsets / normaliser[None, None, None, :, None]
+            )
+            out = SAMPLERS["torch"](value, shapes, locations, weights.view(B, Nq, h, L, P))
             return linear(self.output_proj, out)
