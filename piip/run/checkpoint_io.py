@@ -18,13 +18,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.types import _PATH
 
 from piip.data.files import write_torch
 from piip.run import sharded
-from piip.tasks.finite import refuse_nonfinite_checkpoint
+from piip.tasks.finite import read_file_weights, refuse_nonfinite_checkpoint
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -47,4 +46,4 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         if sharded.is_sharded_checkpoint(path):
             return sharded.read_sharded_checkpoint(path)[sharded.WEIGHTS]
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
+        return read_file_weights(path)

@@ -21,7 +21,8 @@ import torch
 from PIL import Image
 
 from piip.data.files import atomic_file
-from piip.errors import CheckpointError, ConfigError, DataError
+from piip.errors import CheckpointError, DataError
+from piip.models.checks import number_in
 from piip.run import build, checkpoints
 from piip.run.cli import key_value_args, run_tool
 
@@ -100,11 +101,10 @@ def predict(
 
 def main(argv: list[str]) -> int:
     args = key_value_args(argv, ("ckpt_path", "image"), ("output", "device", "score"), USAGE)
-    if "score" in args:
-        try:
+    if "score" in args:  # the task's own check (`number_in`), as `task.module.score_to_draw` gets
+        with contextlib.suppress(ValueError):
             args["score"] = float(args["score"])
-        except ValueError:
-            raise ConfigError(f"score: expected a number between 0 and 1, got {args['score']!r}") from None
+        args["score"] = number_in(args["score"], "score", 0, 1)
     predict(**args)
     return 0
 
