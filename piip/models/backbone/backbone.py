@@ -128,10 +128,11 @@ class PIIPBackbone(nn.Module):
             strides = [branch0.strides[-1]] * 4
             channels = [self.out_channels] * 4
         try:
-            return PyramidTaps(strides, channels, config.pyramid_norm)
+            return PyramidTaps(strides, channels, config.pyramid_norm, config.pyramid_strides)
         except ValueError as err:
             raise ConfigError(
-                f"model.head=pyramid: branch {branch0.name} outputs strides {strides}: {err}"
+                f"model.head=pyramid (model.pyramid_strides={config.pyramid_strides}): branch {branch0.name} "
+                f"outputs strides {strides}: {err}"
             ) from err
 
     @staticmethod

@@ -87,6 +87,7 @@ class PIIPConfig:
     out_interaction_indexes: list[int] = field(default_factory=list)
     head: Literal["pyramid", "classification", "none"] = "pyramid"
     pyramid_norm: Literal["groupnorm", "layernorm"] = "groupnorm"  # layernorm: upstream's ViT baselines
+    pyramid_strides: list[int] = field(default_factory=lambda: [4, 8, 16, 32])  # DINO reads [8, 16, 32]
     classifier: Literal["merged", "per_branch"] = "merged"
     classifier_token: Literal["cls", "first_patch"] = "cls"
     num_classes: int = 1000

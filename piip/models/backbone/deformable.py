@@ -124,10 +124,18 @@ class DeformableAttention(nn.Module):
         return self.attend(query, ref.expand(query.shape[0], -1, -1, -1), feat, [feat_grid])
 
     def attend(
-        self, query: torch.Tensor, reference: torch.Tensor, feat: torch.Tensor, shapes: Shapes
+        self,
+        query: torch.Tensor,
+        reference: torch.Tensor,
+        feat: torch.Tensor,
+        shapes: Shapes,
+        padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """query (B, Nq, dim); reference (B, Nq, L, 2) normalised (x, y) per level; feat (B, sum H_l*W_l,
-        dim_feat) holding the levels of `shapes` one after the other -> (B, Nq, dim) in float32."""
+        """query (B, Nq, dim); reference (B, Nq, L, 2) normalised (x, y) points per level, or (B, Nq, L, 4)
+        boxes (cx, cy, w, h), whose offsets are then fractions of half the box over P points (the two-stage
+        decoder of Deformable DETR and DINO); feat (B, sum H_l*W_l, dim_feat) holding the levels of `shapes`
+        one after the other; padding_mask (B, sum H_l*W_l), True at padding, whose values read as zero ->
+        (B, Nq, dim) in float32."""
         if len(shapes) != self.num_levels:
             raise ValueError(f"deformable attention built for {self.num_levels} levels, got {len(shapes)}")
         device_type = "cpu" if query.device.type == "meta" else query.device.type
@@ -135,12 +143,17 @@ class DeformableAttention(nn.Module):
             linear = lambda layer, x: F.linear(x.float(), layer.weight.float(), layer.bias.float())
             B, Nq, _ = query.shape
             h, L, P = self.num_heads, self.num_levels, self.num_points
-            value = linear(self.value_proj, feat).view(B, -1, h, self.value_dim // h)
+            value = linear(self.value_proj, feat)
+            if padding_mask is not None:
+                value = value.masked_fill(padding_mask[..., None], 0.0)
+            value = value.view(B, -1, h, self.value_dim // h)
             offsets = linear(self.sampling_offsets, query).view(B, Nq, h, L, P, 2)
             weights = linear(self.attention_weights, query).view(B, Nq, h, L * P).softmax(-1)
-            normaliser = torch.tensor([[w, h_] for h_, w in shapes], device=query.device, dtype=torch.float32)
-            locations = (
-                reference.float()[:, :, None, :, None, :] + offsets / normaliser[None, None, None, :, None]
-            )
+            reference = reference.float()[:, :, None, :, None, :]  # (B, Nq, 1, L, 1, 2 or 4)
+            if reference.shape[-1] == 4:
+                locations = reference[..., :2] + offsets * (reference[..., 2:] * (0.5 / P))
+            else:
+                size = torch.tensor([[w, h_] for h_, w in shapes], device=query.device, dtype=torch.float32)
+                locations = reference + offsets / size[None, None, None, :, None]
             out = SAMPLERS["torch"](value, shapes, locations, weights.view(B, Nq, h, L, P))
             return linear(self.output_proj, out)

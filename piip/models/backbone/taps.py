@@ -45,13 +45,31 @@ def pyramid_tap(in_stride: int, out_stride: int, channels: int, norm: TapNorm = 
 
 
 class PyramidTaps(nn.Module):
-    def __init__(self, in_strides: list[int], channels: list[int], norm: TapNorm = "groupnorm") -> None:
+    """One tap per pyramid level; `strides` picks the levels a head reads (DINO: 8/16/32). A level left out
+    keeps its place as an empty slot, so `taps.{i}` is upstream's `fpn{i+1}` whatever the head (upstream's
+    2- and 4-branch DINO models have no `fpn1`)."""
+
+    def __init__(
+        self,
+        in_strides: list[int],
+        channels: list[int],
+        norm: TapNorm = "groupnorm",
+        strides: list[int] | tuple[int, ...] = PYRAMID_STRIDES,
+    ) -> None:
         super().__init__()
+        unknown = sorted(set(strides) - set(PYRAMID_STRIDES))
+        if unknown or not strides or list(strides) != sorted(set(strides)):
+            raise ValueError(
+                f"pyramid strides {list(strides)}: expected increasing strides out of {list(PYRAMID_STRIDES)}"
+            )
+        self.keep = [PYRAMID_STRIDES.index(s) for s in strides]
         self.taps = nn.ModuleList(
-            pyramid_tap(s, t, c, norm) for s, t, c in zip(in_strides, PYRAMID_STRIDES, channels, strict=True)
+            pyramid_tap(s, t, c, norm) if i in self.keep else nn.Identity()
+            for i, (s, t, c) in enumerate(zip(in_strides, PYRAMID_STRIDES, channels, strict=True))
         )
-        self.out_channels = list(channels)
-        self.strides = list(PYRAMID_STRIDES)
+        self.out_channels = [channels[i] for i in self.keep]
+        self.strides = list(strides)
 
     def forward(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [tap(x) for tap, x in zip(self.taps, maps, strict=True)]
+        """The 4 maps the backbone taps -> the kept levels only."""
+        return [self.taps[i](maps[i]) for i in self.keep]

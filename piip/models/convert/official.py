@@ -120,6 +120,11 @@ def convert_backbone(backbone: torch.nn.Module, state: StateDict) -> Conversion:
             merge_weights[f"intermediate_merges.{j}.weights"][n - int(match.group(2))] = value
         elif match := _PATTERNS["fpn"].match(key):
             level, index, rest = match.groups()
+            if backbone.pyramid is not None and int(level) - 1 not in backbone.pyramid.keep:
+                result.unused[key] = (
+                    f"upstream's stride-{2 ** (int(level) + 1)} tap, a level this pyramid leaves out"
+                )
+                continue
             prefix = f"pyramid.taps.{int(level) - 1}"
             result.state_dict[f"{prefix}.{index}.{rest}" if level == "1" else f"{prefix}.{rest}"] = value
         elif match := _PATTERNS["cls_head"].match(key):

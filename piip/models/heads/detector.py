@@ -24,9 +24,11 @@ DETECTORS: Registry[Detector] = Registry("piip.models.heads", "detector")  # fil
 
 
 class Detector(nn.Module, ABC):
-    """A detection model around a backbone whose output has a 4-level `pyramid` (strides 4/8/16/32)."""
+    """A detection model around a backbone whose output has a `pyramid` (strides 4/8/16/32 unless the task
+    sets `pyramid_strides`: DINO reads 8/16/32)."""
 
     name: ClassVar[str]
+    predicts_masks: ClassVar[bool] = True  # instance masks as well as boxes (DINO: boxes only)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -59,6 +61,10 @@ class Detector(nn.Module, ABC):
         from piip.errors import CheckpointError
 
         raise CheckpointError(f"detector {self.name!r} has no official-checkpoint naming")
+
+    def shard_units(self) -> list[nn.Module]:
+        """Layers FSDP should shard one by one (the rest of the detector is sharded as a whole)."""
+        return []
 
     @abstractmethod
     def probe_loss(self, pyramid: list[torch.Tensor], batch_size: int) -> torch.Tensor:

@@ -132,6 +132,11 @@ class MaskRCNN(Detector):
 
     def __init__(self, backbone: nn.Module, num_classes: int, config: MaskRCNNConfig) -> None:
         super().__init__(backbone)
+        if backbone.pyramid.strides != [4, 8, 16, 32]:
+            raise ConfigError(
+                f"task.backbone.pyramid_strides: Mask R-CNN reads strides [4, 8, 16, 32], the backbone gives "
+                f"{backbone.pyramid.strides}"
+            )
         check_size_divisible(backbone, config.size_divisible)
         self.config = config
         c = config
