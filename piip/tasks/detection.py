@@ -1,4 +1,5 @@
-"""COCO detection and instance segmentation: Mask R-CNN on the backbone's 4-level pyramid (PAPER.md §3.3).
+"""COCO detection and instance segmentation: Mask R-CNN or DINO (`task.module.detector.name`) on the
+backbone's pyramid (PAPER.md §3.3).
 
 Validation collects every image's detections as COCO results entries, gathers them on rank 0 and scores
 them with pycocotools `COCOeval` against the split's annotation file, so the logged `val/bbox_mAP` and
@@ -50,6 +51,11 @@ class DetectionTask(ValidationHooksForTest, PIIPTask, requires={"head": "pyramid
             raise ConfigError(f"task.module.evaluate_masks: expected true or false, got {evaluate_masks!r}")
         super().__init__(backbone, optim, **base)
         self.detector = build_detector(self.backbone, num_classes, detector)
+        if evaluate_masks and not self.detector.predicts_masks:
+            raise ConfigError(
+                f"task.module.evaluate_masks: the {self.detector.name} detector predicts boxes only; "
+                "set false"
+            )
         self.num_classes = num_classes
         self.num_visualised = num_visualised
         self.score_to_draw = score_to_draw
@@ -62,6 +68,9 @@ class DetectionTask(ValidationHooksForTest, PIIPTask, requires={"head": "pyramid
     ) -> tuple[dict[str, torch.Tensor], list[str]]:
         """The detector's own official naming (mmdet's for Mask R-CNN)."""
         return self.detector.from_official(state)
+
+    def shard_units(self) -> list[torch.nn.Module]:
+        return [*super().shard_units(), *self.detector.shard_units()]
 
     def data_needs(self) -> dict[str, Any]:
         """Whether the data must carry segmentations (checked at its set-up)."""
