@@ -29,4 +29,12 @@ python train.py model=piip_sbl resolution=1568_1120_672 trainer=gpu $STEPS
 python train.py model=piip_h6b resolution=1024_512 trainer=fsdp trainer.devices=1 $STEPS ||
   python train.py model=piip_h6b resolution=1024_512 trainer=fsdp trainer.devices=1 $STEPS \
     +model.branch0.timm_kwargs.depth=16 model.branch1.timm_kwargs.depth=24
+# 4. DINO with the paper's detector (900 queries, 6 + 6 layers, 100 denoising queries) on PIIP-SBL-384 at
+# 1792 px: bf16 steps on the shapes data resized to 1792^2; images/s and peak memory land in the run's logs
+DINO="task.module.detector.num_queries=900 task.module.detector.num_encoder_layers=6
+  task.module.detector.num_decoder_layers=6 task.module.detector.dim=256 task.module.detector.ffn_dim=2048
+  task.module.detector.num_dn=100 task.module.detector.size_divisible=224 task.data.scale=[1792,1792]"
+# shellcheck disable=SC2086
+python train.py model=piip_sbl_384 resolution=1792_1120_672 trainer=gpu ${STEPS/shapes_det/shapes_det_dino} $DINO
+python benchmarks/dino_encoder_memory.py --size 1792
 nvidia-smi --query-gpu=name,memory.total --format=csv

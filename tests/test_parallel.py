@@ -218,6 +218,7 @@ def test_fsdp_strategy_names_a_bad_dtype():
         pytest.param(
             "shapes_det", "test/bbox_mAP", marks=pytest.mark.slow
         ),  # Mask R-CNN on the sharded pyramid
+        ("shapes_det_dino", "test/bbox_mAP"),  # DINO: encoder and decoder layers are shard units too
     ],
 )
 def test_fsdp_with_bf16_parameters_trains_and_tests_dense_tasks(tmp_path, task, metric):

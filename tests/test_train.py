@@ -203,12 +203,15 @@ def test_every_experiment_config_composes(tmp_path):
     from piip.run.config import backbone_dict
 
     experiments = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+    tasks = [p.stem for p in (CONF_DIR / "task").glob("*.yaml")]
     assert len(experiments) >= 3
     for name in experiments:
         cfg = compose_config("train", tmp_path, [f"experiment={name}"])
         backbone = backbone_dict(cfg)
         assert backbone["resolutions"] == sorted(backbone["resolutions"], reverse=True), name
-        task = name.split("_")[0]  # imagenet_*, coco_*, ade20k_*; dense ones: tests/test_experiments_dense.py
+        # the longest task name the experiment starts with: imagenet_*, coco_*, coco_dino_*, ade20k_*; dense
+        # ones: tests/test_experiments_dense.py, tests/test_dino_configs.py
+        task = max((t for t in tasks if name.startswith(f"{t}_")), key=len)
         assert cfg.task.name == task and cfg.trainer.max_epochs == cfg.task.epochs, name
 
 

@@ -3,8 +3,8 @@
 The backbone part comes from the official backbone class itself, built on the meta device with the config's
 own `model.backbone` kwargs (no weights are allocated or loaded). The detection and segmentation heads are
 mmdet 2.x / mmseg 0.x modules that cannot be imported without mmcv's compiled ops; their keys follow from
-the config (`neck`, `rpn_head`, `roi_head`, `decode_head`, `auxiliary_head`) by those libraries' naming,
-written out below.
+the config (`neck`, `rpn_head`, `roi_head`, `bbox_head`, `decode_head`, `auxiliary_head`) by those
+libraries' naming, written out below (Mask R-CNN, DINO, UperNet).
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from official_imports import load, sequential_downsampling  # noqa: E402
 
-# Released configs per code base (PAPER.md §3.3-3.5); DINO backbones belong to the DINO issue.
+# Released configs per code base (PAPER.md §3.3-3.5)
 CONFIG_GLOBS = {
     "classification": ["classification/configs/piip_*.py"],
     "mmdetection": [
         "mmdetection/configs/piip/[234]branch/mask_rcnn_*.py",
+        "mmdetection/configs/piip/[234]branch/dino_4scale_*.py",  # is_dino=True backbones, DINO heads
         "mmdetection/configs/piip/convnext/*.py",
         "mmdetection/configs/piip/baseline/*.py",  # single-branch ViT-B/L, InternViT-6B, ConvNeXt-B
     ],
@@ -138,6 +139,74 @@ def mmdet_heads(model: dict) -> dict[str, list[int]]:
     return keys
 
 
+def _linear(prefix: str, out: int, inp: int) -> dict[str, list[int]]:
+    return {prefix + "weight": [out, inp], prefix + "bias": [out]}
+
+
+def _norm(prefix: str, channels: int) -> dict[str, list[int]]:
+    return {prefix + "weight": [channels], prefix + "bias": [channels]}
+
+
+def _deformable(
+    prefix: str, dim: int, heads: int = 8, levels: int = 4, points: int = 4
+) -> dict[str, list[int]]:
+    """mmcv MultiScaleDeformableAttention (its defaults: 8 heads, 4 levels, 4 points)."""
+    keys = _linear(prefix + "sampling_offsets.", heads * levels * points * 2, dim)
+    keys |= _linear(prefix + "attention_weights.", heads * levels * points, dim)
+    return keys | _linear(prefix + "value_proj.", dim, dim) | _linear(prefix + "output_proj.", dim, dim)
+
+
+def _ffn(prefix: str, dim: int, hidden: int) -> dict[str, list[int]]:
+    """mmcv FFN, 2 fcs: layers = Sequential(Sequential(Linear, act, Dropout), Linear, Dropout)."""
+    return _linear(prefix + "layers.0.0.", hidden, dim) | _linear(prefix + "layers.1.", dim, hidden)
+
+
+def mmdet_dino_heads(model: dict) -> dict[str, list[int]]:
+    """mmdet 2.x ChannelMapper (GN, so conv without bias) + DINOHead (two-stage, box refinement: one cls/reg
+    branch per decoder layer + one for the encoder proposals) + DinoTransformer keys for these settings."""
+    neck, head, classes = model["neck"], model["bbox_head"], CLASSES["mmdetection"]
+    out, size = neck["out_channels"], neck.get("kernel_size", 3)
+    keys: dict[str, list[int]] = {}
+    for i, c in enumerate(neck["in_channels"]):
+        keys |= {f"neck.convs.{i}.conv.weight": [out, c, size, size]} | _norm(f"neck.convs.{i}.gn.", out)
+    for i in range(
+        neck["num_outs"] - len(neck["in_channels"])
+    ):  # stride-2 3x3 convs, the first on the last map
+        inp = neck["in_channels"][-1] if i == 0 else out
+        keys |= {f"neck.extra_convs.{i}.conv.weight": [out, inp, 3, 3]} | _norm(
+            f"neck.extra_convs.{i}.gn.", out
+        )
+    transformer = head["transformer"]
+    encoder, decoder = transformer["encoder"], transformer["decoder"]
+    dim = encoder["transformerlayers"]["attn_cfgs"]["embed_dims"]
+    ffn = encoder["transformerlayers"]["feedforward_channels"]
+    box = "bbox_head."
+    for i in range(decoder["num_layers"] + 1):
+        keys |= _linear(f"{box}cls_branches.{i}.", classes, dim)
+        for j, width in ((0, dim), (2, dim), (4, 4)):  # Linear, ReLU, Linear, ReLU, Linear
+            keys |= _linear(f"{box}reg_branches.{i}.{j}.", width, dim)
+    keys[box + "label_embedding.weight"] = [classes, dim]
+    net = box + "transformer."
+    keys[net + "level_embeds"] = [transformer.get("num_feature_levels", 4), dim]
+    keys |= _linear(net + "enc_output.", dim, dim) | _norm(net + "enc_output_norm.", dim)
+    keys[net + "query_embed.weight"] = [transformer["two_stage_num_proposals"], dim]
+    for i in range(encoder["num_layers"]):
+        layer = f"{net}encoder.layers.{i}."
+        keys |= _deformable(layer + "attentions.0.", dim) | _ffn(layer + "ffns.0.", dim, ffn)
+        keys |= _norm(layer + "norms.0.", dim) | _norm(layer + "norms.1.", dim)
+    for i in range(decoder["num_layers"]):
+        layer = f"{net}decoder.layers.{i}."
+        attn = layer + "attentions.0.attn."  # mmcv MultiheadAttention around torch's
+        keys |= {attn + "in_proj_weight": [3 * dim, dim], attn + "in_proj_bias": [3 * dim]}
+        keys |= _linear(attn + "out_proj.", dim, dim)
+        keys |= _deformable(layer + "attentions.1.", dim) | _ffn(layer + "ffns.0.", dim, ffn)
+        keys |= {k: v for n in range(3) for k, v in _norm(f"{layer}norms.{n}.", dim).items()}
+    # build_MLP(2 dim, dim, dim, 2) is an nn.Sequential: Linear, ReLU, Linear
+    keys |= _linear(net + "decoder.ref_point_head.0.", dim, 2 * dim)
+    keys |= _linear(net + "decoder.ref_point_head.2.", dim, dim)
+    return keys | _norm(net + "decoder.norm.", dim)
+
+
 def _conv_bn(prefix: str, out: int, inp: int, k: int) -> dict[str, list[int]]:
     keys = {prefix + "conv.weight": [out, inp, k, k]}
     for name in ("weight", "bias", "running_mean", "running_var"):
@@ -199,7 +268,9 @@ def listing(modules: dict, path: Path, code_base: str) -> dict[str, list[int]]:
     if code_base == "classification":
         return _shapes(backbone)
     keys = _shapes(backbone, "backbone.")
-    return keys | (mmdet_heads(model) if code_base == "mmdetection" else mmseg_heads(model))
+    if code_base == "mmsegmentation":
+        return keys | mmseg_heads(model)
+    return keys | (mmdet_dino_heads(model) if model.get("type") == "DINO" else mmdet_heads(model))
 
 
 def write_listings(official: Path, code_base: str, out: Path) -> None:

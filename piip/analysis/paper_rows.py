@@ -15,11 +15,16 @@ class PaperRow:
     params_m: float | None  # README #Param, None where the table gives none
     gflops: float | None  # README #FLOPs, None where the table gives none (counted, not checked)
     note: str = ""
-    protocol_gflops: float | None = None  # PAPER.md's own recount where the README figure is wrong
+    protocol_gflops: float | None = None  # PAPER.md's own recount: the README figure is wrong or missing
+    protocol_params_m: float | None = None  # the same for #Param (rows the README gives no figures for)
 
     @property
     def expected_gflops(self) -> float | None:
         return self.protocol_gflops or self.gflops
+
+    @property
+    def expected_params_m(self) -> float | None:
+        return self.protocol_params_m or self.params_m
 
     @property
     def overrides(self) -> list[str]:
@@ -29,6 +34,11 @@ class PaperRow:
 README_13B_NOTE = (
     "README repeats the 12-interaction 7B figure; the 13B config has 24 interactions (PAPER.md §7.4), "
     "so the protocol recount is ≈732 G / ≈1214 G"
+)
+
+DINO_NOTE = (
+    "README gives AP only: PAPER.md §4.4's recount with the same protocol, whose classification twin has no "
+    "pyramid taps (nor upstream's unused 3-branch DINO fpn1)"
 )
 
 UNCOUNTED_NOTE = "no README figures; upstream's get_flops.py raises NotImplementedError for this branch type"
@@ -55,6 +65,11 @@ ROWS: list[PaperRow] = [
     PaperRow(
         "More ViT variants", "piip_sbl_uniperceiver", "coco", "1568_1120_672", None, None, UNCOUNTED_NOTE
     ),
+    # DINO (box AP 57.8 / 60.0; LH6B: config only). The protocol counts the classification twin, without
+    # pyramid taps, so DINO's stride-8/16/32 pyramid (`pyramid_strides`) does not change these figures.
+    PaperRow("COCO DINO", "piip_sbl_384", "coco_dino", "1792_1120_672", None, None, DINO_NOTE, 2388.6, 499.0),
+    PaperRow("COCO DINO", "piip_h6b", "coco_dino", "1024_768", None, None, DINO_NOTE, 20184.9, 6876.4),
+    PaperRow("COCO DINO", "piip_lh6b", "coco_dino", "1536_1024_512", None, None, DINO_NOTE, 17564.7, 6950.3),
     PaperRow("COCO ConvNeXt", "convnext_b", "coco", "1024", None, 321),
     PaperRow("COCO ConvNeXt", "piip_ct_cs_cb", "coco", "1024_672_448", None, 326),
     PaperRow("COCO ConvNeXt", "piip_ct_vs_vb", "coco", "1024_672_448", None, 373),

@@ -27,8 +27,12 @@ class Released:
         return self.official_config.rsplit("/", 1)[-1].removesuffix(".py")
 
 
-def _det(experiment: str, config: str, reported: str, released: bool = True) -> Released:
-    folder = f"{_branches(experiment)}branch" if _branches(experiment) > 1 else "baseline"
+def _det(
+    experiment: str, config: str, reported: str, released: bool = True, branches: int | None = None
+) -> Released:
+    """`branches`: the branch count, where the experiment's name holds other numbers (`sbl_384`)."""
+    branches = branches or _branches(experiment)
+    folder = f"{branches}branch" if branches > 1 else "baseline"
     folder = "convnext" if "regular-fpn" in config and folder != "baseline" else folder
     path = f"mmdetection/configs/piip/{folder}/{config}.py"
     return Released(experiment, path, f"{HUB}/detection/{config}.pth" if released else None, reported)
@@ -194,6 +198,20 @@ RELEASED: tuple[Released, ...] = (
         "coco_piip_vt_vs_cb_1024_672_448",
         "mask_rcnn_vit-t_vit-s_convnext-b_1024_672_448_regular-fpn",
         "box 44.8, mask 40.3",
+        released=False,
+    ),
+    # DINO ("More ViT variants" table; LH6B: config only)
+    _det(
+        "coco_dino_piip_sbl_384_1792_1120_672",
+        "dino_4scale_deit_384_sbl_1792_1120_672_fpn_3x_coco_bs32_ms",
+        "box 57.8",
+        branches=3,
+    ),
+    _det("coco_dino_piip_h6b_1024_768", "dino_4scale_internvit_h6b_1024_768_fpn_1x_coco_bs32_ms", "box 60.0"),
+    _det(
+        "coco_dino_piip_lh6b_1536_1024_512",
+        "dino_4scale_internvit_lh6b_1536_1024_512_fpn_2x_coco_bs32_ms",
+        "not in the paper's tables",
         released=False,
     ),
     # single-branch baselines of the same tables
