@@ -198,3 +198,25 @@ def test_multi_scale_init_points_the_same_way_on_every_level():
     torch.testing.assert_close(bias[:, :, 1], 2 * bias[:, :, 0])  # point p reaches p + 1 pixels out
     with pytest.raises(ValueError, match="built for 4 levels, got 1"):
         attn.attend(torch.zeros(1, 3, 16), torch.zeros(1, 3, 1, 2), torch.zeros(1, 4, 16), [(2, 2)])
+
+
+def test_the_backend_choice_reaches_every_deformable_attention_and_bad_choices_are_named(monkeypatch) -> None:
+    import dataclasses
+
+    from piip.errors import ConfigError
+    from piip.models import PIIPBackbone
+    from piip.models.backbone.deformable import SAMPLERS, sampler_for, set_deformable_backend
+    from piip.run.presets import model_config
+
+    config = dataclasses.replace(model_config("piip_tiny", task="shapes_det"), deformable_backend="torch")
+    backbone = PIIPBackbone(config)
+    attentions = [m for m in backbone.modules() if isinstance(m, DeformableAttention)]
+    assert attentions and {m.backend for m in attentions} == {"torch"}
+    cpu = torch.device("cpu")
+    assert sampler_for("torch", cpu) is SAMPLERS["torch"]
+    assert sampler_for("auto", cpu) is SAMPLERS["torch"]  # auto takes Triton on CUDA only
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ConfigError, match="model.deformable_backend=triton: Triton cannot run on cpu"):
+        sampler_for("triton", cpu)
+    with pytest.raises(ConfigError, match=r"model.deformable_backend: expected one of \['auto'"):
+        set_deformable_backend(backbone, "cuda")

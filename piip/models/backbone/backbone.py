@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from piip.errors import ConfigError
 from piip.models.backbone.config import PIIPConfig, check_interaction_indexes, split_evenly
-from piip.models.backbone.deformable import DeformableAttention
+from piip.models.backbone.deformable import DeformableAttention, set_deformable_backend
 from piip.models.backbone.interaction import BidirectionalInteraction
 from piip.models.backbone.merge import BranchMerge
 from piip.models.backbone.taps import PyramidTaps
@@ -81,6 +81,7 @@ class PIIPBackbone(nn.Module):
                 )
         self.grad_checkpointing = False
         self.init_new_weights()
+        set_deformable_backend(self, config.deformable_backend)
 
     # -- construction -------------------------------------------------------------------------------------
     @staticmethod

@@ -94,6 +94,7 @@ class PIIPConfig:
     use_cls_token: bool = False  # branches that have a cls token carry it through their blocks
     pos_embed_at_resolution: bool = False  # size each pos-embed at the branch resolution (paper FLOP twin)
     attention_backend: Literal["sdpa", "flash"] = "sdpa"
+    deformable_backend: Literal["auto", "torch", "triton"] = "auto"  # auto: Triton kernel on CUDA
     layer_decay_num_layers: int | None = None  # default: depth of the largest branch
     layer_decay_strides: list[float] | None = None  # default: num_layers / depth per branch
 

@@ -3,16 +3,20 @@ via `F.grid_sample`. The PIIP interactions use one level; DINO's encoder and dec
 
 Runs on CPU, GPU and under `torch.compile`; no compiled extension. The math always runs in float32 (as
 upstream forces for its CUDA op), whatever the autocast or parameter dtype. `SAMPLERS` is the one place a
-faster op (a Triton kernel) plugs in: same arguments, same result.
+faster op plugs in (same arguments, same result): `model.deformable_backend` picks the Triton kernel of
+`deformable_triton` (auto: on CUDA) or this PyTorch op.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from piip.errors import ConfigError
 
 Shapes = list[tuple[int, int]]
 
@@ -48,7 +52,46 @@ def deformable_sample(
     return multi_scale_deformable_sample(value, [value_grid], locations.unsqueeze(3), weights.unsqueeze(3))
 
 
-SAMPLERS = {"torch": multi_scale_deformable_sample}
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"torch": multi_scale_deformable_sample}
+BACKENDS = ("auto", "torch", "triton")
+
+
+def sampler_for(backend: str, device: torch.device) -> Callable[..., torch.Tensor]:
+    """The op `model.deformable_backend` names for tensors on `device`: `auto` takes the Triton kernel on CUDA
+    when Triton imports, the PyTorch op otherwise; `triton` insists (on CPU only under TRITON_INTERPRET=1)."""
+    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+        return SAMPLERS["torch"]
+    try:
+        from piip.models.backbone.deformable_triton import (
+            multi_scale_deformable_sample_triton,
+            triton_available,
+        )
+    except ImportError as err:
+        if backend == "auto":
+            return SAMPLERS["torch"]
+        raise ConfigError(f"model.deformable_backend=triton: Triton does not import ({err})") from err
+    if not triton_available(device):
+        if backend == "auto":
+            return SAMPLERS["torch"]
+        raise ConfigError(
+            f"model.deformable_backend=triton: Triton cannot run on {device.type} tensors (CUDA, or CPU with "
+            "TRITON_INTERPRET=1); use auto or torch"
+        )
+    return SAMPLERS.setdefault("triton", multi_scale_deformable_sample_triton)
+
+
+def set_deformable_backend(module: nn.Module, backend: str) -> None:
+    """Every deformable attention inside `module` samples with `backend` (one of BACKENDS)."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"model.deformable_backend: expected one of {list(BACKENDS)}, got {backend!r}")
+    if backend == "triton":
+        try:
+            import triton  # noqa: F401
+        except ImportError as err:
+            raise ConfigError(f"model.deformable_backend=triton: Triton does not import ({err})") from err
+    for child in module.modules():
+        if isinstance(child, DeformableAttention):
+            child.backend = backend
 
 
 def reference_points(grid: tuple[int, int], device: torch.device) -> torch.Tensor:
@@ -87,6 +130,7 @@ class DeformableAttention(nn.Module):
             )
         self.dim, self.num_heads, self.num_points, self.value_dim = dim, num_heads, num_points, value_dim
         self.num_levels = num_levels
+        self.backend = "auto"  # model.deformable_backend, set by set_deformable_backend
         self.sampling_offsets = nn.Linear(dim, num_heads * num_levels * num_points * 2)
         self.attention_weights = nn.Linear(dim, num_heads * num_levels * num_points)
         self.value_proj = nn.Linear(dim_feat, value_dim)
@@ -155,5 +199,6 @@ class DeformableAttention(nn.Module):
             else:
                 size = torch.tensor([[w, h_] for h_, w in shapes], device=query.device, dtype=torch.float32)
                 locations = reference + offsets / size[None, None, None, :, None]
-            out = SAMPLERS["torch"](value, shapes, locations, weights.view(B, Nq, h, L, P))
+            sample = sampler_for(self.backend, value.device)
+            out = sample(value, shapes, locations, weights.view(B, Nq, h, L, P))
             return linear(self.output_proj, out)

@@ -22,6 +22,7 @@ from torch import nn
 from torchvision.ops import MLP, box_convert
 
 from piip.errors import ConfigError
+from piip.models.backbone.deformable import set_deformable_backend
 from piip.models.checks import number_in, whole_number
 from piip.models.heads.detector import Detector
 from piip.models.heads.dino_denoising import Denoising, inverse_sigmoid, make_denoising
@@ -165,6 +166,8 @@ class DINO(Detector):
         self.box_heads = nn.ModuleList(MLP(c.dim, [c.dim, c.dim, 4]) for _ in range(c.num_decoder_layers + 1))
         self.criterion = DINOCriterion(num_classes, MatchCosts(**c.costs), LossWeights(**c.loss_weights))
         self.reset_parameters()
+        backend = getattr(getattr(backbone, "config", None), "deformable_backend", "auto")
+        set_deformable_backend(self, backend)  # the backbone's choice (model.deformable_backend)
 
     @classmethod
     def from_config(cls, backbone: nn.Module, num_classes: int, config: dict[str, Any]) -> DINO:
