@@ -37,4 +37,12 @@ DINO="task.module.detector.num_queries=900 task.module.detector.num_encoder_laye
 # shellcheck disable=SC2086
 python train.py model=piip_sbl_384 resolution=1792_1120_672 trainer=gpu ${STEPS/shapes_det/shapes_det_dino} $DINO
 python benchmarks/dino_encoder_memory.py --size 1792
+# 5. deformable sampling: torch (grid-sample) against the Triton kernel, op level (DINO encoder layer at 1792,
+# a PIIP-SBL interaction at 1568) and whole backbone, with peak memory; then the kernel's GPU tests
+for case in dino_1792 piip_interaction; do
+  for dtype in fp32 bf16; do python benchmarks/deformable_backends.py --case $case --dtype $dtype; done
+done
+$BENCH model=piip_sbl resolution=1568_1120_672 +model.deformable_backend=torch output="$OUT/sbl_deform_torch.json"
+$BENCH model=piip_sbl resolution=1568_1120_672 +model.deformable_backend=triton output="$OUT/sbl_deform_triton.json"
+python -m pytest -q -m gpu tests/test_deformable_triton.py
 nvidia-smi --query-gpu=name,memory.total --format=csv
