@@ -9,6 +9,7 @@ faster op plugs in (same arguments, same result): `model.deformable_backend` pic
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -59,6 +60,14 @@ BACKENDS = ("auto", "torch", "triton")
 def sampler_for(backend: str, device: torch.device) -> Callable[..., torch.Tensor]:
     """The op `model.deformable_backend` names for tensors on `device`: `auto` takes the Triton kernel on CUDA
     when Triton imports, the PyTorch op otherwise; `triton` insists (on CPU only under TRITON_INTERPRET=1)."""
+    return _sampler_for(backend, device.type)
+
+
+@functools.cache
+def _sampler_for(backend: str, device_type: str) -> Callable[..., torch.Tensor]:
+    """Decided once per backend and device type (every attention call asks; Triton's mode is fixed at its
+    import); a refusal is not cached, it raises again."""
+    device = torch.device(device_type)
     if backend == "torch" or (backend == "auto" and device.type != "cuda"):
         return SAMPLERS["torch"]
     try:

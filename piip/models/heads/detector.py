@@ -72,6 +72,19 @@ class Detector(nn.Module, ABC):
         load (`piip.analysis.memory` counts the activations it saves)."""
 
 
+def stored_sizes(
+    images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None
+) -> list[tuple[int, int]]:
+    """Each image's size in the annotation file (a target's `orig_size`), else its own: where a detector
+    returns its detections."""
+    return [
+        tuple(int(v) for v in t["orig_size"])
+        if t is not None and "orig_size" in t
+        else tuple(image.shape[-2:])
+        for t, image in zip(targets or [None] * len(images), images, strict=True)
+    ]
+
+
 def build_detector(backbone: nn.Module, num_classes: int, config: dict[str, Any] | None) -> Detector:
     """The detector `config["name"]` names (default Mask R-CNN), from the rest of `config`."""
     config = dict(config or {})

@@ -24,7 +24,7 @@ from torchvision.ops import MLP, box_convert
 from piip.errors import ConfigError
 from piip.models.backbone.deformable import set_deformable_backend
 from piip.models.checks import number_in, whole_number
-from piip.models.heads.detector import Detector
+from piip.models.heads.detector import Detector, stored_sizes
 from piip.models.heads.dino_denoising import Denoising, inverse_sigmoid, make_denoising
 from piip.models.heads.dino_losses import DINOCriterion, LossWeights
 from piip.models.heads.dino_matching import MatchCosts
@@ -204,30 +204,15 @@ class DINO(Detector):
         """Losses in training; in eval, the top `max_detections` boxes at each target's `orig_size`."""
         if self.training and targets is None:
             raise ValueError("DINO needs targets in training mode")
-        original = [
-            tuple(int(v) for v in t["orig_size"]) if t is not None and "orig_size" in t else image.shape[-2:]
-            for t, image in zip(targets or [None] * len(images), images, strict=True)
-        ]
+        original = stored_sizes(images, targets)
         batch, _ = self.batcher(images)
         sizes = [tuple(int(v) for v in s) for s in batch.image_sizes]
-        self.encoder.grad_checkpointing = self.decoder.grad_checkpointing = self.backbone.grad_checkpointing
         maps = self.neck(self.backbone(batch.tensors).pyramid)
         if not self.training:
             outputs, _ = self.heads(maps, sizes)
             return self.detections(outputs, sizes, original)
         normalised = [normalise_target(t, size) for t, size in zip(targets, sizes, strict=True)]
-        denoising = None
-        if self.config.num_dn > 0:
-            denoising = make_denoising(
-                [t["labels"] for t in normalised],
-                [t["boxes"] for t in normalised],
-                self.label_embedding,
-                self.num_classes,
-                min(self.config.num_queries, sum(h * w for h, w in self.shapes(maps))),
-                self.config.num_dn,
-                self.config.label_noise,
-                self.config.box_noise,
-            )
+        denoising = self.denoising(maps, [t["labels"] for t in normalised], [t["boxes"] for t in normalised])
         outputs, denoising = self.heads(maps, sizes, denoising)
         return self.criterion(
             outputs.logits, outputs.boxes, outputs.enc_logits, outputs.enc_boxes, normalised, denoising
@@ -237,6 +222,28 @@ class DINO(Detector):
     def shapes(maps: list[torch.Tensor]) -> list[tuple[int, int]]:
         return [(int(m.shape[-2]), int(m.shape[-1])) for m in maps]
 
+    def padded_size(self, maps: list[torch.Tensor]) -> tuple[int, int]:
+        """The padded batch's (H, W): the first neck level sits at the backbone's first stride."""
+        stride = self.backbone.pyramid.strides[0]
+        return int(maps[0].shape[-2]) * stride, int(maps[0].shape[-1]) * stride
+
+    def denoising(
+        self, maps: list[torch.Tensor], labels: list[torch.Tensor], boxes: list[torch.Tensor]
+    ) -> Denoising | None:
+        """Noised copies of the ground truths in front of the matching queries (none when num_dn is 0)."""
+        if self.config.num_dn == 0:
+            return None
+        return make_denoising(
+            labels,
+            boxes,
+            self.label_embedding,
+            self.num_classes,
+            min(self.config.num_queries, sum(h * w for h, w in self.shapes(maps))),  # the top-k taken
+            self.config.num_dn,
+            self.config.label_noise,
+            self.config.box_noise,
+        )
+
     def heads(
         self,
         maps: list[torch.Tensor],
@@ -244,9 +251,10 @@ class DINO(Detector):
         denoising: Denoising | None = None,
     ) -> tuple[HeadOutputs, Denoising | None]:
         """Neck maps of a padded batch whose images have `sizes` -> every decoder layer's predictions."""
-        B, (Hp, Wp) = len(sizes), maps[0].shape[-2:]
-        stride = self.backbone.pyramid.strides[0]
-        image_padding = torch.ones(B, Hp * stride, Wp * stride, dtype=torch.bool, device=maps[0].device)
+        self.encoder.grad_checkpointing = self.decoder.grad_checkpointing = self.backbone.grad_checkpointing
+        image_padding = torch.ones(
+            len(sizes), *self.padded_size(maps), dtype=torch.bool, device=maps[0].device
+        )
         for i, (h, w) in enumerate(sizes):
             image_padding[i, :h, :w] = False
         paddings = [F.interpolate(image_padding[None].float(), size=m.shape[-2:])[0].bool() for m in maps]
@@ -273,7 +281,7 @@ class DINO(Detector):
         top = enc_logits.max(-1).values.topk(k, dim=1).indices
         enc_logits = enc_logits.gather(1, top[..., None].expand(-1, -1, enc_logits.shape[-1]))
         enc_boxes = enc_boxes.gather(1, top[..., None].expand(-1, -1, 4))
-        query = self.query_embed.weight[None, :k].expand(B, -1, -1)  # mixed query selection
+        query = self.query_embed.weight[None, :k].expand(len(sizes), -1, -1)  # mixed query selection
         boxes_unact = enc_boxes.detach()
         attn_mask = None
         if denoising is not None and denoising.pad > 0:
@@ -350,22 +358,11 @@ class DINO(Detector):
     def probe_loss(self, pyramid: list[torch.Tensor], batch_size: int) -> torch.Tensor:
         """Neck, encoder, the decoder with all queries and the most denoising queries (one object per image:
         2 x num_dn), and every head; matching and the real losses depend on the data and are left out."""
-        self.encoder.grad_checkpointing = self.decoder.grad_checkpointing = self.backbone.grad_checkpointing
         maps = self.neck(pyramid)
-        stride = self.backbone.pyramid.strides[0]
-        size = (maps[0].shape[-2] * stride, maps[0].shape[-1] * stride)
-        denoising = None
-        if self.config.num_dn > 0:
-            one = torch.tensor([[0.5, 0.5, 0.2, 0.2]], device=maps[0].device)
-            denoising = make_denoising(
-                [torch.zeros(1, dtype=torch.long, device=one.device)] * batch_size,
-                [one] * batch_size,
-                self.label_embedding,
-                self.num_classes,
-                min(self.config.num_queries, sum(h * w for h, w in self.shapes(maps))),
-                self.config.num_dn,
-            )
-        outputs, _ = self.heads(maps, [size] * batch_size, denoising)
+        one = torch.tensor([[0.5, 0.5, 0.2, 0.2]], device=maps[0].device)
+        label = torch.zeros(1, dtype=torch.long, device=one.device)
+        denoising = self.denoising(maps, [label] * batch_size, [one] * batch_size)
+        outputs, _ = self.heads(maps, [self.padded_size(maps)] * batch_size, denoising)
         return sum(
             t.float().mean() for t in (outputs.logits, outputs.boxes, outputs.enc_logits, outputs.enc_boxes)
         )

@@ -38,7 +38,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from piip.errors import ConfigError
 from piip.models.checks import number_in
 from piip.models.convert.mmdet_rcnn import convert_mask_rcnn
-from piip.models.heads.detector import Detector
+from piip.models.heads.detector import Detector, stored_sizes
 from piip.models.heads.mmdet_ops import STRIDES, MMDetAnchorGenerator, MMDetRoIAlign
 from piip.models.heads.mmdet_rcnn import MMDetRoIHeads, MMDetRPN
 
@@ -177,10 +177,7 @@ class MaskRCNN(Detector):
         """
         if self.training and targets is None:
             raise ValueError("Mask R-CNN needs targets in training mode")
-        original = [
-            tuple(int(v) for v in t["orig_size"]) if t is not None and "orig_size" in t else image.shape[-2:]
-            for t, image in zip(targets or [None] * len(images), images, strict=True)
-        ]
+        original = stored_sizes(images, targets)
         targets = targets if self.training else None  # in evaluation they only carry orig_size
         batch, targets = self.batcher(images, targets)
         features = self.neck(self.backbone(batch.tensors).pyramid)
