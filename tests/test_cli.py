@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "trainer=cpu",
@@ -70,6 +72,7 @@ def test_missing_dataset_names_the_path(tmp_path):
     assert f"dataset split not found: {tmp_path / 'data' / 'shapes_imagenet'}/" in result.stderr
 
 
+@pytest.mark.slow  # 32 s; multirun stays with the resolution sweep
 def test_multirun_with_subprocess_ddp_runs_each_job_once_in_its_folder(tmp_path):
     """Lightning's DDP re-launches ranks > 0 from the command line; they must not re-run the sweep."""
     ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
@@ -82,6 +85,7 @@ def test_multirun_with_subprocess_ddp_runs_each_job_once_in_its_folder(tmp_path)
     assert not (tmp_path / "outputs").exists()  # no child fell back to a run folder of its own
 
 
+@pytest.mark.slow  # 21 s
 def test_a_resumed_run_continues_its_wandb_run(tmp_path):
     """A crashed (or requeued) process and the one resuming it log into one W&B run."""
     args = [

@@ -119,6 +119,7 @@ def test_preempted_two_rank_job_saves_on_both_ranks_and_resumes(tmp_path, data_d
 
 
 # -- sweeps -------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # 30 s; the preemption test keeps submitit in the default suite
 def test_resolution_sweep_submits_one_job_per_value_with_its_resources_and_summarises(tmp_path, data_dir):
     sweep = tmp_path / "sweep"
     overrides = [f"hydra.sweep.dir={sweep}", "hydra.launcher.timeout_min=7", "trainer.limit_train_batches=2"]

@@ -7,7 +7,19 @@ from piip.tools.paper_table import ROWS, count_row, relative_error
 TOLERANCE = 0.02
 
 
-@pytest.mark.parametrize("row", ROWS, ids=lambda r: f"{r.model}-{r.task}-{r.resolution}")
+def rows_with_one_per_model_and_task_by_default() -> list:
+    """Every row; a model's further resolutions for the same task run the same code on other sizes, so they
+    are `slow` (about 4 s each on 2 cores)."""
+    seen, params = set(), []
+    for row in ROWS:
+        key = (row.model, row.task)
+        marks = [pytest.mark.slow] if key in seen else []
+        seen.add(key)
+        params.append(pytest.param(row, marks=marks, id=f"{row.model}-{row.task}-{row.resolution}"))
+    return params
+
+
+@pytest.mark.parametrize("row", rows_with_one_per_model_and_task_by_default())
 def test_paper_row_within_two_percent(row):
     params, gflops = count_row(row)
     if row.expected_gflops is None:  # the README gives no figures: the row is only counted

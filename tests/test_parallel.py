@@ -108,6 +108,7 @@ def test_two_process_ddp_follows_the_one_process_loss_trajectory(tmp_path, refer
     assert_same_weights(one["state_dict"], two["state_dict"])
 
 
+@pytest.mark.slow  # 45 s; FSDP stays in the default suite with the DINO bf16 run
 def test_two_process_fsdp_follows_it_through_a_sharded_checkpoint_resume(tmp_path, reference):
     data, single = reference
     crash = [
@@ -166,6 +167,7 @@ LLAVA_FSDP = [
 ]
 
 
+@pytest.mark.slow  # 27 s
 def test_fsdp_trains_both_llava_stages_with_a_frozen_language_model_and_answers_every_question(tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -214,7 +216,9 @@ def test_fsdp_strategy_names_a_bad_dtype():
 @pytest.mark.parametrize(
     "task, metric",
     [
-        ("shapes_seg", "test/mIoU"),  # UperNet's BatchNorm keeps fp32 parameters in a unit of its own
+        pytest.param(  # UperNet's BatchNorm keeps fp32 parameters in a unit of its own
+            "shapes_seg", "test/mIoU", marks=pytest.mark.slow
+        ),
         pytest.param(
             "shapes_det", "test/bbox_mAP", marks=pytest.mark.slow
         ),  # Mask R-CNN on the sharded pyramid

@@ -254,6 +254,7 @@ def test_out_prefix_and_trailing_suffix(sweep, tmp_path):
     assert not (sweep / "sweep_summary.csv").exists()
 
 
+@pytest.mark.slow  # 16 s; the resolution sweep test runs the entry point too
 def test_module_entry_point(sweep, tmp_path):
     repo = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, "-m", "piip.tools.sweep_summary"]

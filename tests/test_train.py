@@ -176,6 +176,7 @@ def test_unknown_config_options_are_named(tmp_path, override, named):
         compose_config("train", tmp_path, [override])
 
 
+@pytest.mark.slow  # 19 s; DDP stays with test_parallel's loss trajectory
 def test_two_process_ddp_spawn_on_cpu(tmp_path, data_dir):
     cfg = train_config(
         tmp_path,
