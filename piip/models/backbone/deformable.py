@@ -43,7 +43,9 @@ def multi_scale_deformable_sample(
         samples = F.grid_sample(level_value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         level_weights = weights[:, :, :, level].permute(0, 2, 1, 3).reshape(B * heads, 1, Nq, P)
         out = out + (samples * level_weights).sum(-1)  # (B*heads, d, Nq)
-    return out.view(B, heads * d, Nq).transpose(1, 2)
+    # token-major, as the output projection and the residual sums after it expect (a channel-major result
+    # would make them channel-major too, and every later LayerNorm copy its input)
+    return out.view(B, heads * d, Nq).transpose(1, 2).contiguous()
 
 
 def deformable_sample(

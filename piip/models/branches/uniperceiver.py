@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from piip.models.backbone.config import BranchSpec
-from piip.models.branches.base import BranchState, norm_layer, resample_grid
+from piip.models.branches.base import BranchState, norm_layer, resample_grid, token_grid
 from piip.models.branches.checkpoint import uniperceiver_to_timm
 from piip.models.branches.vit import ViTBranch
 
@@ -53,7 +53,7 @@ class UniPerceiverBranch(ViTBranch):
         return model
 
     def embed(self, images: torch.Tensor) -> BranchState:
-        x = self.patch_embed.proj(images).permute(0, 2, 3, 1)
+        x = token_grid(self.patch_embed.proj(images))
         pos = resample_grid(self.pos_embed.reshape(1, *self.pos_embed_grid, -1), x.shape[1:3])
         x = x + pos.to(x.dtype) + self.temporal_pos_embed[0].to(x.dtype)
         return BranchState(self.norm_pre(x))

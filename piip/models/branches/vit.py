@@ -19,6 +19,7 @@ from piip.models.branches.base import (
     drop_path_rates,
     norm_layer,
     resample_grid,
+    token_grid,
     unused_by_official,
 )
 from piip.models.branches.checkpoint import hf_clip_to_timm
@@ -97,7 +98,7 @@ class ViTBranch(Branch):
         return tuple(self.patch_embed.grid_size)
 
     def embed(self, images: torch.Tensor) -> BranchState:
-        x = self.patch_embed.proj(images).permute(0, 2, 3, 1)
+        x = token_grid(self.patch_embed.proj(images))
         x = self.patch_embed.norm(x)
         prefix = None
         if self.pos_embed is not None:
