@@ -9,7 +9,6 @@ faster op plugs in (same arguments, same result): `model.deformable_backend` pic
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 
@@ -62,13 +61,19 @@ BACKENDS = ("auto", "torch", "triton")
 def sampler_for(backend: str, device: torch.device) -> Callable[..., torch.Tensor]:
     """The op `model.deformable_backend` names for tensors on `device`: `auto` takes the Triton kernel on CUDA
     when Triton imports, the PyTorch op otherwise; `triton` insists (on CPU only under TRITON_INTERPRET=1)."""
-    return _sampler_for(backend, device.type)
+    key = (backend, device.type)
+    if key not in _CHOSEN:
+        _CHOSEN[key] = _choose_sampler(*key)
+    return _CHOSEN[key]
 
 
-@functools.cache
-def _sampler_for(backend: str, device_type: str) -> Callable[..., torch.Tensor]:
-    """Decided once per backend and device type (every attention call asks; Triton's mode is fixed at its
-    import); a refusal is not cached, it raises again."""
+# Decided once per backend and device type (every attention call asks; Triton's mode is fixed at its import);
+# a refusal is not stored, it raises again. A plain dict, not functools.cache: torch.compile reads it as a
+# guarded constant, where it would trace through (and warn about) a cache wrapper.
+_CHOSEN: dict[tuple[str, str], Callable[..., torch.Tensor]] = {}
+
+
+def _choose_sampler(backend: str, device_type: str) -> Callable[..., torch.Tensor]:
     device = torch.device(device_type)
     if backend == "torch" or (backend == "auto" and device.type != "cuda"):
         return SAMPLERS["torch"]
