@@ -42,8 +42,12 @@ def backward_from_outputs(out: Any, gradients: dict[tuple, torch.Tensor]) -> Non
     tensors = list(out.pyramid or ([out.features] if out.features is not None else out.branch_maps))
     if out.logits is not None:
         tensors.append(out.logits)
-    keys = [(t.shape, t.stride(), t.dtype, t.device) for t in tensors]
-    grads = [gradients.setdefault(k, torch.ones_like(t)) for k, t in zip(keys, tensors, strict=True)]
+    grads = []
+    for t in tensors:
+        key = (t.shape, t.stride(), t.dtype, t.device)
+        if key not in gradients:  # not setdefault: its default would fill a new map on every step
+            gradients[key] = torch.ones_like(t)
+        grads.append(gradients[key])
     torch.autograd.backward(tensors, grads)
 
 

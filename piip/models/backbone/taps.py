@@ -73,7 +73,8 @@ class PatchUpsample(nn.ConvTranspose2d):
     def __init__(self, channels: int, factor: int = 2) -> None:
         super().__init__(channels, channels, factor, factor)
 
-    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """No `output_size`: with kernel = stride and no padding the output size is always k x the input's."""
         return patch_upsample(x, self.weight, self.bias)
 
 
