@@ -1,12 +1,10 @@
-"""Timing a backbone: latency, images/s and peak memory of its forward and forward + backward passes, each
-model in a spawned process of its own (its allocations and compiled kernels do not leak into the next
-model's figures). `python -m piip.tools.benchmark` composes the models and prints the comparison."""
+"""Timing a backbone: latency and peak memory of its forward pass and of forward + backward, one step at a
+time, so that `piip.analysis.side_by_side` can alternate the steps of two models held in two processes.
+`python -m piip.tools.benchmark` composes the models and prints the comparison."""
 
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
-import queue as queue_module
 import resource
 import statistics
 import time
@@ -17,7 +15,6 @@ import torch
 from piip.analysis.flops import measure
 from piip.models.backbone.backbone import PIIPBackbone
 from piip.models.backbone.config import PIIPConfig
-from piip.models.numerics import configure_cpu_math
 
 MODES = ("forward", "train")
 
@@ -51,87 +48,76 @@ def backward_from_outputs(out: Any, gradients: dict[tuple, torch.Tensor]) -> Non
     torch.autograd.backward(tensors, grads)
 
 
-def time_backbone(backbone: dict[str, Any], settings: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """Latency, throughput and peak memory of one backbone for each mode (runs in the calling process)."""
-    torch.manual_seed(0)
-    device = torch.device(settings["device"])
-    cuda = device.type == "cuda"
-    rss_before = _rss_mb()
-    model = PIIPBackbone(PIIPConfig.from_dict(backbone)).to(device)
-    model.set_grad_checkpointing(settings["grad_checkpointing"])  # recomputation: only `train` changes
-    runner = torch.compile(model) if settings["compile"] else model
-    size = backbone["resolutions"][0]
-    images = torch.randn(settings["batch_size"], 3, size, size, device=device)
-    bf16 = settings["dtype"] == "bf16"
-    results: dict[str, dict[str, float]] = {}
-    gradients: dict[tuple, torch.Tensor] = {}
-    for mode in (m for m in MODES if m in settings["modes"]):
-        model.train(mode == "train")
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
+class BackboneTimer:
+    """One backbone on random images at its highest branch resolution, timed one step at a time.
 
-        def step(mode: str = mode) -> None:
-            autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-            if mode == "forward":
-                with torch.inference_mode(), autocast:
-                    runner(images)
-            else:
-                with autocast:
-                    out = runner(images)
-                backward_from_outputs(out, gradients)
-                model.zero_grad(set_to_none=True)
+    Peak memory is `torch.cuda.max_memory_allocated` since `start(mode)` on GPU; on CPU it is the growth of
+    the process's peak resident set over what it held before building the model (modes run in order, so the
+    train figure includes the forward's)."""
 
-        times = []
-        for i in range(settings["warmup"] + settings["iters"]):
-            if cuda:
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            step()
-            if cuda:
-                torch.cuda.synchronize(device)
-            if i >= settings["warmup"]:
-                times.append(time.perf_counter() - start)
-        latency = statistics.median(times)
-        peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else _peak_rss_mb() - rss_before
-        results[mode] = {
-            "latency_ms": latency * 1e3,
-            "images_per_s": settings["batch_size"] / latency,
-            "peak_memory_mb": peak,
-        }
-    return results
+    def __init__(self, backbone: dict[str, Any], settings: dict[str, Any]) -> None:
+        torch.manual_seed(0)
+        self.device = torch.device(settings["device"])
+        self.cuda = self.device.type == "cuda"
+        self.rss_before = _rss_mb()
+        self.model = PIIPBackbone(PIIPConfig.from_dict(backbone)).to(self.device)
+        self.model.set_grad_checkpointing(settings["grad_checkpointing"])  # recomputation: `train` only
+        self.runner = torch.compile(self.model) if settings["compile"] else self.model
+        size = backbone["resolutions"][0]
+        self.images = torch.randn(settings["batch_size"], 3, size, size, device=self.device)
+        self.bf16 = settings["dtype"] == "bf16"
+        self.gradients: dict[tuple, torch.Tensor] = {}
 
+    def start(self, mode: str) -> None:
+        self.model.train(mode == "train")
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
 
-def _child(backbone: dict[str, Any], settings: dict[str, Any], queue: Any) -> None:
-    try:
-        configure_cpu_math()
-        queue.put(("ok", time_backbone(backbone, settings)))
-    except Exception as err:  # noqa: BLE001 - reported by the parent with the model's name
-        queue.put(("error", f"{type(err).__name__}: {err}"))
+    def _run(self, mode: str) -> None:
+        autocast = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+        )
+        if mode == "forward":
+            with torch.inference_mode(), autocast:
+                self.runner(self.images)
+            return
+        with autocast:
+            out = self.runner(self.images)
+        backward_from_outputs(out, self.gradients)
+        self.model.zero_grad(set_to_none=True)
+
+    def step(self, mode: str) -> float:
+        """Seconds of one step of `mode`, the device synchronised on both sides."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        self._run(mode)
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - start
+
+    def peak_mb(self) -> float:
+        if self.cuda:
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        return _peak_rss_mb() - self.rss_before
 
 
-def time_in_child(backbone: dict[str, Any], settings: dict[str, Any]) -> dict[str, dict[str, float]]:
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=_child, args=(backbone, settings, queue))
-    process.start()
-    while True:  # a child killed outright (e.g. out of memory) never answers: watch it while waiting
-        try:
-            status, payload = queue.get(timeout=5)
-            break
-        except queue_module.Empty:
-            if not process.is_alive():
-                status, payload = "error", f"the measuring process died (exit code {process.exitcode})"
-                if process.exitcode == -9:
-                    payload += ", most likely killed for lack of memory: try modes=[forward] or batch_size=1"
-                break
-    process.join()
-    if status != "ok":
-        raise RuntimeError(f"benchmark of {backbone.get('name', 'model')} failed: {payload}")
-    return payload
+def mode_figures(times: list[float], peak_mb: float, batch_size: int) -> dict[str, float]:
+    latency = statistics.median(times)
+    return {
+        "latency_ms": latency * 1e3,
+        "images_per_s": batch_size / latency,
+        "peak_memory_mb": peak_mb,
+        "steps_ms": [t * 1e3 for t in times],  # every timed step, in the order they ran
+    }
 
 
 def model_entry(
-    name: str, backbone: dict[str, Any], paper_gflops: float, settings: dict[str, Any]
+    name: str,
+    backbone: dict[str, Any],
+    paper_gflops: float,
+    modes: dict[str, dict[str, float]],
+    settings: dict[str, Any],
 ) -> dict[str, Any]:
     """One model's figures: counts (as built; `paper_gflops` by PAPER.md's protocol) and timings per mode."""
     counted = measure(backbone, "actual")
@@ -141,7 +127,7 @@ def model_entry(
         "params_m": counted.params_m,
         "gflops": counted.gflops,
         "paper_gflops": paper_gflops,  # comparable with the paper's tables
-        "modes": time_in_child(backbone, settings),
+        "modes": modes,
     }
     if settings["device"].startswith("cuda"):
         from lightning.fabric.utilities.throughput import get_available_flops
@@ -155,13 +141,22 @@ def model_entry(
     return entry
 
 
-def ratios(model: dict[str, Any], baseline: dict[str, Any]) -> dict[str, float]:
-    """Model / baseline: FLOPs (as built, and by the paper's protocol), and time per image per mode."""
-    out = {
+def paired_ratios(model_times: list[float], baseline_times: list[float]) -> dict[str, float]:
+    """Median, lowest and highest of the step-by-step time ratios. With interleaved steps each pair ran
+    back to back, so a slow spell of the machine (±10 % between runs on a shared 2-core VM) hits both."""
+    pairs = sorted(m / b for m, b in zip(model_times, baseline_times, strict=True))
+    return {"median": statistics.median(pairs), "low": pairs[0], "high": pairs[-1], "pairs": len(pairs)}
+
+
+def ratios(model: dict[str, Any], baseline: dict[str, Any], times: dict[str, list[list[float]]]) -> dict:
+    """Model / baseline: FLOPs (as built, and by the paper's protocol), and time per mode (the median of
+    the paired step ratios, with their range under `{mode}_time_range`)."""
+    out: dict[str, Any] = {
         "flops": model["gflops"] / baseline["gflops"],
         "paper_flops": model["paper_gflops"] / baseline["paper_gflops"],
     }
-    for mode in model["modes"]:
-        if mode in baseline["modes"]:
-            out[f"{mode}_time"] = model["modes"][mode]["latency_ms"] / baseline["modes"][mode]["latency_ms"]
+    for mode, (model_times, baseline_times) in times.items():
+        paired = paired_ratios(model_times, baseline_times)
+        out[f"{mode}_time"] = paired["median"]
+        out[f"{mode}_time_range"] = [paired["low"], paired["high"]]
     return out

@@ -10,9 +10,11 @@ peak memory, GFLOPs (multiply-adds, as PAPER.md counts them) and, on GPU, the mo
 then the measured time ratio next to the FLOPs ratio. `output=FILE` also writes everything as JSON.
 
 Each model is measured in its own spawned process, so one model's allocations and compiled kernels do not
-leak into the other's figures. Peak memory is `torch.cuda.max_memory_allocated` on GPU; on CPU it is the
-growth of the process's peak resident set over what it held before building the model (forward is
-measured first, so the train figure includes it). Nothing here is a test: it prints what it measures.
+leak into the other's figures, and their steps alternate (A B, B A, ...; `interleave=false` times one after
+the other): the time ratio is the median of the step-by-step ratios, printed with their range. Peak
+memory is `torch.cuda.max_memory_allocated` on GPU; on CPU it is the growth of the process's peak resident
+set over what it held before building the model (forward is measured first, so the train figure includes
+it). Nothing here is a test: it prints what it measures.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from piip.analysis.benchmark import MODES, model_entry, ratios
+from piip.analysis.side_by_side import time_models
 from piip.data.files import write_json
 from piip.errors import ConfigError
 from piip.models.checks import whole_number
@@ -58,6 +61,7 @@ def settings_of(cfg: DictConfig) -> dict[str, Any]:
         "warmup": whole_number(cfg.warmup, "warmup", minimum=0),
         "iters": whole_number(cfg.iters, "iters"),
         "modes": modes,
+        "interleave": bool(cfg.interleave),
         "threads": torch.get_num_threads(),
     }
 
@@ -71,21 +75,18 @@ def baseline_config(cfg: DictConfig) -> DictConfig:
     return compose("benchmark", overrides)
 
 
-def entry_of(cfg: DictConfig, settings: dict[str, Any]) -> dict[str, Any]:
-    backbone = backbone_dict(cfg)
-    return model_entry(cfg.model.name, backbone, paper_complexity(cfg, backbone).gflops, settings)
-
-
 def run(cfg: DictConfig) -> dict[str, Any]:
     settings = settings_of(cfg)
-    report: dict[str, Any] = {
-        "task": cfg.task.name,
-        "settings": settings,
-        "models": [entry_of(cfg, settings)],
-    }
-    if cfg.get("baseline"):
-        report["models"].append(entry_of(baseline_config(cfg), settings))
-        report["ratios"] = ratios(*report["models"])
+    configs = [cfg, baseline_config(cfg)] if cfg.get("baseline") else [cfg]
+    backbones = [backbone_dict(c) for c in configs]
+    figures, times = time_models(backbones, settings)
+    models = [
+        model_entry(c.model.name, backbone, paper_complexity(c, backbone).gflops, modes, settings)
+        for c, backbone, modes in zip(configs, backbones, figures, strict=True)
+    ]
+    report: dict[str, Any] = {"task": cfg.task.name, "settings": settings, "models": models}
+    if len(models) == 2:
+        report["ratios"] = ratios(*models, times)
     return report
 
 
@@ -131,7 +132,13 @@ def print_table(report: dict[str, Any]) -> None:
     console.print(table)
     if "ratios" in report:
         r = report["ratios"]
-        times = ", ".join(f"{k.removesuffix('_time')} {v:.2f}" for k, v in r.items() if k.endswith("_time"))
+        pairs = "interleaved pairs" if report["settings"]["interleave"] else "steps"
+        times = ", ".join(
+            f"{k.removesuffix('_time')} {v:.2f} ({r[k + '_range'][0]:.2f}-{r[k + '_range'][1]:.2f} over "
+            f"{report['settings']['iters']} {pairs})"
+            for k, v in r.items()
+            if k.endswith("_time")
+        )
         console.print(
             f"model / baseline: FLOPs {r['flops']:.2f} as built ({r['paper_flops']:.2f} by the paper's "
             f"protocol) · time {times}"
