@@ -14,6 +14,7 @@ from piip.errors import CheckpointError
 from piip.run import sharded
 from piip.run.build import build_task
 from piip.tasks.base import PIIPTask
+from piip.tasks.finite import checkpoint_candidates
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +39,9 @@ def read_checkpoint(path: str | Path, weights: bool = True) -> dict[str, Any]:
 
 def find_last_checkpoint(run_dir: str | Path) -> Path | None:
     """Newest `last*.ckpt` under the run's checkpoint folder (Lightning versions them last-v1, ...)."""
-
-    def saved_at(path: Path) -> float:  # a sharded folder's own mtime does not change when it is rewritten
-        return (path / sharded.META_FILE if path.is_dir() else path).stat().st_mtime
-
-    found = Path(run_dir, "checkpoints").glob("last*.ckpt")
-    candidates = sorted((p for p in found if not p.name.endswith(sharded.CONSOLIDATED_SUFFIX)), key=saved_at)
-    return candidates[-1] if candidates else None
+    newest_first = checkpoint_candidates([Path(run_dir, "checkpoints")])
+    lasts = (p for p in newest_first if p.name.startswith("last"))
+    return next((p for p in lasts if not p.name.endswith(sharded.CONSOLIDATED_SUFFIX)), None)
 
 
 def check_weights_fit(path: str | Path, checkpoint: dict[str, Any], module: torch.nn.Module) -> None:
