@@ -26,9 +26,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from piip.models.backbone.attention import GridAttention
+from piip.models.backbone.convs import PatchUpsample, SameConv2d
 from piip.models.backbone.deformable import DeformableAttention
 from piip.models.backbone.interaction import CrossAttention
-from piip.models.backbone.taps import PatchUpsample
 
 aten = torch.ops.aten
 _ATTENTION_OPS = [
@@ -77,7 +77,7 @@ def paper_module_macs(
         return _numel(x) * (2 if affine else 1)
     if kind in (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d):
         return _numel(x)
-    if kind in (nn.Conv2d, nn.ConvTranspose2d, PatchUpsample) and module.bias is not None:
+    if kind in (nn.Conv2d, nn.ConvTranspose2d, PatchUpsample, SameConv2d) and module.bias is not None:
         return _numel(output)
     if isinstance(module, GridAttention):
         n = x.shape[1] * x.shape[2] if x.ndim == 4 else x.shape[1] - module.num_prefix_tokens

@@ -9,12 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from piip.models.backbone.convs import SameConv2d
+
 MergeKind = Literal["simple_fpn", "regular_fpn", "classification"]
 
 
 def conv_gn_relu(dim_in: int, dim_out: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(dim_in, dim_out, 3, padding=1, bias=False), nn.GroupNorm(32, dim_out), nn.ReLU(inplace=True)
+        SameConv2d(dim_in, dim_out, 3, bias=False), nn.GroupNorm(32, dim_out), nn.ReLU(inplace=True)
     )
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from torch import nn
+
+from piip.models.backbone.convs import PatchUpsample
 
 PYRAMID_STRIDES = (4, 8, 16, 32)
 TapNorm = Literal["groupnorm", "layernorm"]
@@ -25,57 +26,6 @@ def tap_norm(kind: TapNorm, channels: int) -> nn.Module:
     if kind == "groupnorm":
         return nn.GroupNorm(32, channels)
     raise ValueError(f"model.pyramid_norm: expected 'groupnorm' or 'layernorm', got {kind!r}")
-
-
-class _PatchUpsampleFunction(torch.autograd.Function):
-    """`conv_transpose2d` with kernel = stride, whose backward is a strided conv for the input gradient and
-    one matmul for the weight gradient (each output pixel comes from exactly one input pixel, so that is
-    the whole gradient). PyTorch's own backward of this op on CPU ran 2.7x slower on channels-last maps
-    (768 channels, 196^2 -> 392^2: 5.1 s against 1.9 s); on GPU both are cuDNN convolutions and a GEMM.
-
-    Autocast casts inside `forward`; the backward computes in the gradient's dtype and returns each
-    gradient in its input's dtype, as autocast's own casts would.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        return F.conv_transpose2d(x, weight, bias, stride=weight.shape[-2:])
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight = ctx.saved_tensors
-        B, C, H, W = x.shape
-        out_channels, kh, kw = weight.shape[1:]
-        grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = F.conv2d(grad, weight.to(grad.dtype), stride=(kh, kw)).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            patches = grad.reshape(B, out_channels, H, kh, W, kw).permute(0, 2, 4, 1, 3, 5)
-            patches = patches.reshape(B * H * W, -1)  # (pixel, (o, p, q)): the weight's own order
-            pixels = x.to(grad.dtype).permute(1, 0, 2, 3).reshape(C, B * H * W)
-            grad_weight = (pixels @ patches).view(weight.shape).to(weight.dtype)
-        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
-            grad_bias = grad.sum((0, 2, 3)).to(ctx.bias_dtype)
-        return grad_x, grad_weight, grad_bias
-
-
-def patch_upsample(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.conv_transpose2d(x, weight, bias, stride=kernel size)` with `_PatchUpsampleFunction`'s backward."""
-    return _PatchUpsampleFunction.apply(x, weight, bias)
-
-
-class PatchUpsample(nn.ConvTranspose2d):
-    """A k x k, stride-k transposed conv (each input pixel becomes a k x k patch): upstream's `fpn` taps,
-    same parameters and state-dict keys, with a faster backward (`_PatchUpsampleFunction`)."""
-
-    def __init__(self, channels: int, factor: int = 2) -> None:
-        super().__init__(channels, channels, factor, factor)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """No `output_size`: with kernel = stride and no padding the output size is always k x the input's."""
-        return patch_upsample(x, self.weight, self.bias)
 
 
 def pyramid_tap(in_stride: int, out_stride: int, channels: int, norm: TapNorm = "groupnorm") -> nn.Module:
