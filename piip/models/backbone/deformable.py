@@ -33,15 +33,18 @@ def multi_scale_deformable_sample(
     """
     B, _, heads, d = value.shape
     Nq, P = locations.shape[1], locations.shape[4]
-    out: torch.Tensor | float = 0.0
+    out = value.new_zeros(B * heads, d, Nq)
     start = 0
     for level, (H, W) in enumerate(shapes):
         level_value = value[:, start : start + H * W].permute(0, 2, 3, 1).reshape(B * heads, d, H, W)
         start += H * W
-        grid = (2 * locations[:, :, :, level] - 1).permute(0, 2, 1, 3, 4).reshape(B * heads, Nq, P, 2)
+        # points before queries: the weighted sum over points then runs over whole rows of queries (summed
+        # over a last dimension of P = 4, it cost more on CPU than the sampling itself)
+        grid = (2 * locations[:, :, :, level] - 1).permute(0, 2, 3, 1, 4).reshape(B * heads, P, Nq, 2)
         samples = F.grid_sample(level_value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        level_weights = weights[:, :, :, level].permute(0, 2, 1, 3).reshape(B * heads, 1, Nq, P)
-        out = out + (samples * level_weights).sum(-1)  # (B*heads, d, Nq)
+        level_weights = weights[:, :, :, level].permute(0, 2, 3, 1).reshape(B * heads, 1, P, Nq)
+        for point in range(P):
+            out = torch.addcmul(out, samples[:, :, point], level_weights[:, :, point])
     # token-major, as the output projection and the residual sums after it expect (a channel-major result
     # would make them channel-major too, and every later LayerNorm copy its input)
     return out.view(B, heads * d, Nq).transpose(1, 2).contiguous()
@@ -208,7 +211,11 @@ class DeformableAttention(nn.Module):
                 value = value.masked_fill(padding_mask[..., None], 0.0)
             value = value.view(B, -1, h, self.value_dim // h)
             offsets = linear(self.sampling_offsets, query).view(B, Nq, h, L, P, 2)
-            weights = linear(self.attention_weights, query).view(B, Nq, h, L * P).softmax(-1)
+            logits = linear(self.attention_weights, query).view(B, Nq, h, L * P)
+            # one softmax over a head's L*P points, computed with the queries innermost (the CPU kernel
+            # then vectorises across queries: 3x faster than over a last dimension of 4-16), handed on as a
+            # (B, Nq, h, L, P) view of that layout, which the sampler reads without a copy
+            weights = logits.permute(0, 2, 3, 1).softmax(2).reshape(B, h, L, P, Nq).permute(0, 4, 1, 2, 3)
             reference = reference.float()[:, :, None, :, None, :]  # (B, Nq, 1, L, 1, 2 or 4)
             if reference.shape[-1] == 4:
                 locations = reference[..., :2] + offsets * (reference[..., 2:] * (0.5 / P))
@@ -216,5 +223,5 @@ class DeformableAttention(nn.Module):
                 size = torch.tensor([[w, h_] for h_, w in shapes], device=query.device, dtype=torch.float32)
                 locations = reference + offsets / size[None, None, None, :, None]
             sample = sampler_for(self.backend, value.device)
-            out = sample(value, shapes, locations, weights.view(B, Nq, h, L, P))
+            out = sample(value, shapes, locations, weights)
             return linear(self.output_proj, out)
