@@ -60,6 +60,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from piip.models.backbone.backbone import PIIPBackbone
+from piip.models.backbone.convs import CASTS_WEIGHTS_PER_CALL
 from piip.tasks.base import backbone_probe_loss
 
 TRAINABLE_BYTES = 16  # fp32 weight + fp32 gradient + AdamW exp_avg + exp_avg_sq
@@ -110,7 +111,7 @@ def parameter_counts(model: nn.Module, ema: bool) -> dict[str, int]:
         "autocast": sum(  # what autocast casts to bf16 and caches: weights and biases of matmuls and convs
             p.numel()
             for m in model.modules()
-            if isinstance(m, MATMUL_LAYERS)
+            if isinstance(m, MATMUL_LAYERS) and not isinstance(m, CASTS_WEIGHTS_PER_CALL)
             for p in m.parameters()
             if p.requires_grad
         ),

@@ -136,3 +136,8 @@ class PatchUpsample(nn.ConvTranspose2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """No `output_size`: with kernel = stride and no padding the output size is always k x the input's."""
         return patch_upsample(x, self.weight, self.bias)
+
+
+# Autocast casts their weights inside an autograd.Function's forward, where grad mode is off: the bf16 copies
+# are neither cached nor saved for backward (the Function saves the fp32 weight), unlike nn.Conv2d's.
+CASTS_WEIGHTS_PER_CALL = (SameConv2d, PatchUpsample)
