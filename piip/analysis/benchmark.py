@@ -145,7 +145,7 @@ def paired_ratios(model_times: list[float], baseline_times: list[float]) -> dict
     """Median, lowest and highest of the step-by-step time ratios. With interleaved steps each pair ran
     back to back, so a slow spell of the machine (±10 % between runs on a shared 2-core VM) hits both."""
     pairs = sorted(m / b for m, b in zip(model_times, baseline_times, strict=True))
-    return {"median": statistics.median(pairs), "low": pairs[0], "high": pairs[-1], "pairs": len(pairs)}
+    return {"median": statistics.median(pairs), "low": pairs[0], "high": pairs[-1]}
 
 
 def ratios(model: dict[str, Any], baseline: dict[str, Any], times: dict[str, list[list[float]]]) -> dict:

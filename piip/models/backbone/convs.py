@@ -19,6 +19,18 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 
+def _save_inputs(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Both Functions keep the input and the weight for backward, and only the bias's dtype."""
+    ctx.save_for_backward(x, weight)
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _bias_grad(ctx, grad: torch.Tensor) -> torch.Tensor | None:
+    if ctx.bias_dtype is None or not ctx.needs_input_grad[2]:
+        return None
+    return grad.sum((0, 2, 3)).to(ctx.bias_dtype)
+
+
 class _SameConvFunction(torch.autograd.Function):
     """`conv2d` with an odd square kernel, stride 1 and zero padding k // 2 (the output keeps the input's
     size). Backward: the input gradient is the forward conv of the gradient with the kernel flipped and its
@@ -27,8 +39,7 @@ class _SameConvFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.bias_dtype = bias.dtype if bias is not None else None
+        _save_inputs(ctx, x, weight, bias)
         return F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2)
 
     @staticmethod
@@ -36,15 +47,13 @@ class _SameConvFunction(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         pad = weight.shape[-1] // 2
-        grad_x = grad_weight = grad_bias = None
+        grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
             flipped = weight.to(grad.dtype).transpose(0, 1).flip(2, 3)
             grad_x = F.conv2d(grad, flipped, padding=pad).to(x.dtype)
         if ctx.needs_input_grad[1]:
             grad_weight = _same_conv_weight_grad(x.to(grad.dtype), grad, weight.shape[-1]).to(weight.dtype)
-        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
-            grad_bias = grad.sum((0, 2, 3)).to(ctx.bias_dtype)
-        return grad_x, grad_weight, grad_bias
+        return grad_x, grad_weight, _bias_grad(ctx, grad)
 
 
 def _same_conv_weight_grad(x: torch.Tensor, grad: torch.Tensor, k: int) -> torch.Tensor:
@@ -96,8 +105,7 @@ class _PatchUpsampleFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.bias_dtype = bias.dtype if bias is not None else None
+        _save_inputs(ctx, x, weight, bias)
         return F.conv_transpose2d(x, weight, bias, stride=weight.shape[-2:])
 
     @staticmethod
@@ -106,7 +114,7 @@ class _PatchUpsampleFunction(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         B, C, H, W = x.shape
         out_channels, kh, kw = weight.shape[1:]
-        grad_x = grad_weight = grad_bias = None
+        grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
             grad_x = F.conv2d(grad, weight.to(grad.dtype), stride=(kh, kw)).to(x.dtype)
         if ctx.needs_input_grad[1]:
@@ -116,9 +124,7 @@ class _PatchUpsampleFunction(torch.autograd.Function):
             pixels = x.to(grad.dtype).permute(1, 0, 2, 3).reshape(C, B * H * W)
             grad_weight = (pixels @ patches).view(C, kh, kw, out_channels).permute(0, 3, 1, 2)
             grad_weight = grad_weight.to(weight.dtype).contiguous()
-        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
-            grad_bias = grad.sum((0, 2, 3)).to(ctx.bias_dtype)
-        return grad_x, grad_weight, grad_bias
+        return grad_x, grad_weight, _bias_grad(ctx, grad)
 
 
 def patch_upsample(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
