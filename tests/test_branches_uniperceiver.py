@@ -16,6 +16,7 @@ from torch import nn
 from piip.models.backbone.config import BranchSpec, WindowConfig
 from piip.models.branches.checkpoint import uniperceiver_to_timm
 from piip.models.branches.uniperceiver import UniPerceiverBranch
+from piip.models.meta import init_free_meta
 from piip.run.config import CONF_DIR
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official"
@@ -97,7 +98,7 @@ def test_release_file_loads_with_checkpoint_format_uniperceiver(tmp_path: Path):
 def test_shipped_configs_take_the_release_keys_strictly(config: str, depth: int, dim: int):
     data = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "branch" / f"{config}.yaml"))
     data.pop("pretrained")  # names ${paths.pretrained_dir}
-    with torch.device("meta"):
+    with init_free_meta():
         branch = UniPerceiverBranch(BranchSpec.from_dict(data), window=WindowConfig(size=28))
     official = {k: torch.empty(shape, device="meta") for k, shape in official_keys(depth, dim).items()}
     branch.load_state_dict(uniperceiver_to_timm(official), strict=True, assign=True)

@@ -5,11 +5,11 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from omegaconf import OmegaConf
 
 from piip.errors import ConfigError
 from piip.models import PIIPBackbone, PIIPConfig
+from piip.models.meta import init_free_meta
 from piip.run.cli import quote_resolution_overrides
 from piip.run.config import CONF_DIR, backbone_dict, compose
 from piip.run.presets import model_config
@@ -39,7 +39,7 @@ def test_every_model_declares_a_task():
 @pytest.mark.parametrize(("model", "task"), CASES, ids=[f"{m}-{t}" for m, t in CASES])
 def test_model_config_instantiates_on_meta(model, task):
     config = model_config(model, task=task)
-    with torch.device("meta"):
+    with init_free_meta():
         backbone = PIIPBackbone(config)
     assert len(backbone.branches) == len(config.resolutions)
     assert all(p.is_meta for p in backbone.parameters())
@@ -79,7 +79,7 @@ def test_resolution_overrides_are_quoted_for_hydra():
 def test_unknown_resolution_and_field_errors_name_the_problem():
     with pytest.raises(Exception, match="1000_500"):
         compose("flops", ["model=piip_tsb", "resolution='1000_500'"])
-    with pytest.raises(ConfigError, match="model.resolutions"), torch.device("meta"):
+    with pytest.raises(ConfigError, match="model.resolutions"), init_free_meta():
         PIIPBackbone(model_config("piip_tsb", task="coco", resolution="1024_512"))
     with pytest.raises(ConfigError, match="unknown field"):
         PIIPConfig.from_dict(

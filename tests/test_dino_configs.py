@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from piip.data.transforms import DetectionAugmentation
 from piip.models.backbone import PIIPBackbone
 from piip.models.backbone.config import PIIPConfig
+from piip.models.meta import init_free_meta
 from piip.run.config import CONF_DIR, backbone_dict, compose, plain
 from piip.run.released import BY_EXPERIMENT, HUB
 from piip.tasks.base import PIIPTask
@@ -150,7 +151,7 @@ def test_dino_experiment(name: str, tmp_path: Path):
         assert [i for i, w in enumerate(blocks) if w is None] == list(
             range(2, 24, 3)
         )  # upstream: -1 at 2, 5, …
-    with torch.device("meta"):
+    with init_free_meta():
         net = PIIPBackbone(config)
     assert net.pyramid.strides == [8, 16, 32]
     assert not [n for n, _ in net.named_parameters() if n.startswith("pyramid.taps.0.")]

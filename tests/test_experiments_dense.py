@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from piip.data.transforms import DetectionAugmentation
 from piip.models.backbone import PIIPBackbone
 from piip.models.backbone.config import PIIPConfig
 from piip.models.heads.mask_rcnn import MaskRCNNConfig
+from piip.models.meta import init_free_meta
 from piip.run.config import CONF_DIR, backbone_dict, compose, plain
 from piip.tasks.optim import OptimConfig
 from piip.tools.paper_table import ROWS, PaperRow
@@ -170,7 +170,7 @@ def test_dense_experiment(name: str, tmp_path: Path):
             assert augmentation.test_scale == max(augmentation.train_scales, key=lambda s: s[1])
 
     # layer-wise lr decay depths (PAPER.md §3.3 / §3.7), from the backbone's own layer_id
-    with torch.device("meta"):
+    with init_free_meta():
         net = PIIPBackbone(config)
     if LAYER_DECAY[model] is None:
         assert optim.layer_decay == 1.0

@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from piip.models.backbone import PIIPBackbone
 from piip.models.backbone.config import PIIPConfig
+from piip.models.meta import init_free_meta
 from piip.run import stages
 from piip.run.config import CONF_DIR, backbone_dict, plain
 from piip.tasks.optim import OptimConfig
@@ -72,7 +72,7 @@ def test_llava_experiment(name: str, tmp_path: Path):
     backbone = backbone_dict(cfg)
     tag = "_".join(map(str, backbone["resolutions"]))
     assert backbone["merge"] == "none" and backbone["use_cls_token"] is True
-    with torch.device("meta"):
+    with init_free_meta():
         model = PIIPBackbone(PIIPConfig.from_dict(backbone))
     assert (backbone["resolutions"][0] // model.branches[0].strides[-1]) ** 2 == VISUAL_TOKENS[tag]
     assert any(r.model == cfg.model.name and r.resolution == tag for r in ROWS)

@@ -13,6 +13,7 @@ import torch
 
 from piip.analysis.complexity import Complexity, count
 from piip.models import PIIPBackbone, PIIPConfig
+from piip.models.meta import init_free_meta
 
 
 def measure(
@@ -20,7 +21,7 @@ def measure(
 ) -> Complexity:
     """Count the backbone `data` (PIIPConfig fields) describes, on one image at its highest resolution."""
     config = PIIPConfig.from_dict(data)
-    with torch.device("meta"):
+    with init_free_meta():
         model = PIIPBackbone(config).eval()
         size = config.resolutions[0]
         images = torch.empty(1, 3, size, size)

@@ -26,6 +26,7 @@ from piip.errors import CheckpointError
 from piip.models.branches.base import UNUSED_BY_OFFICIAL
 from piip.models.branches.checkpoint import HF_INDEX_FILES, HF_WEIGHT_FILES, read_state_dict
 from piip.models.convert.official import Conversion, convert_backbone
+from piip.models.meta import init_free_meta
 from piip.run.build import build_task, run_config
 from piip.run.config import CONF_DIR, backbone_dict, compose_run
 from piip.run.released import for_experiment
@@ -126,7 +127,7 @@ def fit_problems(task: PIIPTask, conversion: Conversion) -> list[str]:
 
 def build_on_meta(cfg: DictConfig) -> PIIPTask:
     """The configured task with every weight on the meta device (shapes and names, no memory)."""
-    with torch.device("meta"):
+    with init_free_meta():
         return build_task(cfg, backbone_dict(cfg), load_pretrained=False)
 
 
