@@ -21,6 +21,7 @@ FAST = ["task=shapes_det", "warmup=0", "iters=1", "device=cpu"]
 SETTINGS = {"modes": ["forward", "train"], "warmup": 1, "iters": 4, "batch_size": 1}
 
 
+@pytest.mark.slow  # 27 s of two real timer processes; the schedule and the report logic run with fakes below
 def test_report_times_model_and_baseline_and_relates_them(tmp_path, capsys):
     cfg = compose("benchmark", [*FAST, "iters=3", "baseline=piip_tiny", "baseline_resolution='64_48_32'"])
     report = benchmark.run(cfg)

@@ -5,11 +5,16 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+import train as train_entry
+from piip.errors import DataError
+from tests.test_train import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -42,6 +47,7 @@ def tiny_resolution_sweep(tmp_path: Path, *extra: str) -> tuple[Path, subprocess
     return sweep, run("train.py", "-m", "resolution=64_48_32,96_64_48", *overrides)
 
 
+@pytest.mark.slow  # 28 s: two processes; the configs compose in process in tests/test_train.py
 def test_help_and_cfg_show_the_composed_config():
     shown = run("train.py", "--help")
     assert shown.returncode == 0, shown.stderr
@@ -67,9 +73,11 @@ def test_resolution_sweep_runs_one_job_per_value_and_summarises(tmp_path):
 
 
 def test_missing_dataset_names_the_path(tmp_path):
-    result = run("train.py", f"paths.root_dir={tmp_path}", *TINY, "task.data.synthetic=null")
-    assert result.returncode != 0
-    assert f"dataset split not found: {tmp_path / 'data' / 'shapes_imagenet'}/" in result.stderr
+    """In process (a real process's one-line report of such errors: tests/test_predict_tool.py)."""
+    overrides = [f"paths.root_dir={tmp_path}", *TINY, "task.data.synthetic=null"]
+    expected = f"dataset split not found: {tmp_path / 'data' / 'shapes_imagenet'}/"
+    with pytest.raises(DataError, match=re.escape(expected)):
+        train_entry.train(compose_config("train", tmp_path / "run", overrides))
 
 
 @pytest.mark.slow  # 32 s; multirun stays with the resolution sweep

@@ -65,6 +65,7 @@ def test_bf16_saves_fewer_bytes_per_image_and_keeps_weight_copies():
     assert plain32["constant"] < 0.01 * plain16["constant"]
 
 
+@pytest.mark.slow  # 11 s
 def test_fsdp_shards_the_state_over_devices():
     report = memory.estimate(
         compose("memory", ["model=piip_tiny", "task=imagenet", "devices=4", "batch_size=2"])

@@ -74,6 +74,7 @@ def prediction(text: str) -> tuple[str, str, list[tuple[str, float]]]:
     return match[1], match[2], top
 
 
+@pytest.mark.slow  # 31 s; the README's quick start runs the same training
 def test_quickstart_runs_without_checkpoint(monkeypatch, tmp_path):
     data_dir = tmp_path / "data"
     nb = execute(

@@ -95,6 +95,7 @@ def test_train_writes_checkpoints_and_results_then_evaluate_reproduces_them(tmp_
     assert written["best.ckpt"]["metrics"]["val/top1"] == metrics["val/top1"]
 
 
+@pytest.mark.slow  # 19 s; tests/test_resume_grid.py's mid_epoch kill checks the same in the default suite
 def test_resume_mid_epoch_ends_exactly_like_an_uninterrupted_run(tmp_path, data_dir):
     common = [
         "trainer.max_epochs=2",
