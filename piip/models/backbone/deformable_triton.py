@@ -52,6 +52,67 @@ def triton_available(device: torch.device | str) -> bool:
 
 
 @_jit
+def _program_tile(Nq, heads, D, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's batch b and head h (grid axis 1), its block of queries (axis 0) and the channels,
+    their masks, and each query's flat (b, q, h) row index (int64)."""
+    pid_q = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // heads).to(tl.int64)
+    h = pid_bh % heads
+    q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    ch = tl.arange(0, BLOCK_D)
+    return b, h, ch, q < Nq, ch < D, (b * Nq + q) * heads + h
+
+
+@_jit
+def _level_geometry(start_ptr, shape_ptr, level, ACC: tl.constexpr):
+    """A level's first token and its height and width (as ints and in the accumulation dtype)."""
+    start = tl.load(start_ptr + level)
+    H = tl.load(shape_ptr + 2 * level)
+    W = tl.load(shape_ptr + 2 * level + 1)
+    return start, H, W, H.to(ACC), W.to(ACC)
+
+
+@_jit
+def _sampling_point(loc_ptr, weight_ptr, point, q_mask, Hf, Wf, ACC: tl.constexpr):
+    """A block of sampling points: attention weight, top-left corner pixel (x0, y0) and fractions (fx, fy).
+
+    Pixel centres are at (i + 0.5) / size; clamping only moves points that are wholly outside (all four
+    corners masked) and keeps the int conversion in range."""
+    lx = tl.load(loc_ptr + 2 * point, mask=q_mask, other=0.0).to(ACC)
+    ly = tl.load(loc_ptr + 2 * point + 1, mask=q_mask, other=0.0).to(ACC)
+    w = tl.load(weight_ptr + point, mask=q_mask, other=0.0).to(ACC)
+    x = tl.minimum(tl.maximum(lx * Wf - 0.5, -2.0), Wf + 1.0)
+    y = tl.minimum(tl.maximum(ly * Hf - 0.5, -2.0), Hf + 1.0)
+    x0f = tl.floor(x)
+    y0f = tl.floor(y)
+    return w, x0f.to(tl.int32), y0f.to(tl.int32), x - x0f, y - y0f
+
+
+@_jit
+def _corner(corner: tl.constexpr, x0, y0, fx, fy):
+    """Corner 0-3 (top-left, top-right, bottom-left, bottom-right) of the bilinear cell: its pixel
+    (cx, cy), its factors (wx, wy) and their signs (sx, sy) as x and y grow."""
+    if corner // 2 == 1:
+        cy = y0 + 1
+        wy = fy
+        sy = 1.0
+    else:
+        cy = y0
+        wy = 1.0 - fy
+        sy = -1.0
+    if corner % 2 == 1:
+        cx = x0 + 1
+        wx = fx
+        sx = 1.0
+    else:
+        cx = x0
+        wx = 1.0 - fx
+        sx = -1.0
+    return cx, cy, wx, wy, sx, sy
+
+
+@_jit
 def _forward_kernel(
     value_ptr,
     loc_ptr,
@@ -70,50 +131,15 @@ def _forward_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """out[b, q, h, :] = sum_{l, p} w * bilinear(value_l[b, :, :, h, :], x, y) for a block of queries."""
-    pid_q = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // heads).to(tl.int64)
-    h = pid_bh % heads
-    q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    ch = tl.arange(0, BLOCK_D)
-    q_mask = q < Nq
-    ch_mask = ch < D
-    row = (b * Nq + q) * heads + h  # flat (b, q, h) index, int64
+    b, h, ch, q_mask, ch_mask, row = _program_tile(Nq, heads, D, BLOCK_Q, BLOCK_D)
     acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=ACC)
     for level in range(L):
-        start = tl.load(start_ptr + level)
-        H = tl.load(shape_ptr + 2 * level)
-        W = tl.load(shape_ptr + 2 * level + 1)
-        Hf = H.to(ACC)
-        Wf = W.to(ACC)
+        start, H, W, Hf, Wf = _level_geometry(start_ptr, shape_ptr, level, ACC)
         for p in range(P):
             point = (row * L + level) * P + p
-            lx = tl.load(loc_ptr + 2 * point, mask=q_mask, other=0.0).to(ACC)
-            ly = tl.load(loc_ptr + 2 * point + 1, mask=q_mask, other=0.0).to(ACC)
-            w = tl.load(weight_ptr + point, mask=q_mask, other=0.0).to(ACC)
-            # Pixel centres at (i + 0.5) / size; clamping only moves points that are wholly outside
-            # (all four corners masked) and keeps the int conversion in range.
-            x = tl.minimum(tl.maximum(lx * Wf - 0.5, -2.0), Wf + 1.0)
-            y = tl.minimum(tl.maximum(ly * Hf - 0.5, -2.0), Hf + 1.0)
-            x0f = tl.floor(x)
-            y0f = tl.floor(y)
-            fx = x - x0f
-            fy = y - y0f
-            x0 = x0f.to(tl.int32)
-            y0 = y0f.to(tl.int32)
+            w, x0, y0, fx, fy = _sampling_point(loc_ptr, weight_ptr, point, q_mask, Hf, Wf, ACC)
             for corner in tl.static_range(4):
-                if corner // 2 == 1:
-                    cy = y0 + 1
-                    wy = fy
-                else:
-                    cy = y0
-                    wy = 1.0 - fy
-                if corner % 2 == 1:
-                    cx = x0 + 1
-                    wx = fx
-                else:
-                    cx = x0
-                    wx = 1.0 - fx
+                cx, cy, wx, wy, _, _ = _corner(corner, x0, y0, fx, fy)
                 valid = q_mask & (cx >= 0) & (cx < W) & (cy >= 0) & (cy < H)
                 token = b * S + start + cy * W + cx
                 ptrs = value_ptr + ((token * heads + h) * D)[:, None] + ch[None, :]
@@ -147,56 +173,19 @@ def _backward_kernel(
     """Gradients of the forward for a block of queries: with g = grad_out[b, q, h, :] and v_c the four
     corners, d/dw = sum_c wy wx <g, v_c>, d/dx = w W sum_c (+-1) wy <g, v_c> (likewise y),
     d/dvalue_c += w wy wx g."""
-    pid_q = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // heads).to(tl.int64)
-    h = pid_bh % heads
-    q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    ch = tl.arange(0, BLOCK_D)
-    q_mask = q < Nq
-    ch_mask = ch < D
-    row = (b * Nq + q) * heads + h
+    b, h, ch, q_mask, ch_mask, row = _program_tile(Nq, heads, D, BLOCK_Q, BLOCK_D)
     g_ptrs = grad_out_ptr + (row * D)[:, None] + ch[None, :]
     g = tl.load(g_ptrs, mask=q_mask[:, None] & ch_mask[None, :], other=0.0).to(ACC)
     for level in range(L):
-        start = tl.load(start_ptr + level)
-        H = tl.load(shape_ptr + 2 * level)
-        W = tl.load(shape_ptr + 2 * level + 1)
-        Hf = H.to(ACC)
-        Wf = W.to(ACC)
+        start, H, W, Hf, Wf = _level_geometry(start_ptr, shape_ptr, level, ACC)
         for p in range(P):
             point = (row * L + level) * P + p
-            lx = tl.load(loc_ptr + 2 * point, mask=q_mask, other=0.0).to(ACC)
-            ly = tl.load(loc_ptr + 2 * point + 1, mask=q_mask, other=0.0).to(ACC)
-            w = tl.load(weight_ptr + point, mask=q_mask, other=0.0).to(ACC)
-            x = tl.minimum(tl.maximum(lx * Wf - 0.5, -2.0), Wf + 1.0)
-            y = tl.minimum(tl.maximum(ly * Hf - 0.5, -2.0), Hf + 1.0)
-            x0f = tl.floor(x)
-            y0f = tl.floor(y)
-            fx = x - x0f
-            fy = y - y0f
-            x0 = x0f.to(tl.int32)
-            y0 = y0f.to(tl.int32)
+            w, x0, y0, fx, fy = _sampling_point(loc_ptr, weight_ptr, point, q_mask, Hf, Wf, ACC)
             grad_w = tl.zeros([BLOCK_Q], dtype=ACC)
             grad_x = tl.zeros([BLOCK_Q], dtype=ACC)
             grad_y = tl.zeros([BLOCK_Q], dtype=ACC)
             for corner in tl.static_range(4):
-                if corner // 2 == 1:
-                    cy = y0 + 1
-                    wy = fy
-                    sy = 1.0
-                else:
-                    cy = y0
-                    wy = 1.0 - fy
-                    sy = -1.0
-                if corner % 2 == 1:
-                    cx = x0 + 1
-                    wx = fx
-                    sx = 1.0
-                else:
-                    cx = x0
-                    wx = 1.0 - fx
-                    sx = -1.0
+                cx, cy, wx, wy, sx, sy = _corner(corner, x0, y0, fx, fy)
                 valid = q_mask & (cx >= 0) & (cx < W) & (cy >= 0) & (cy < H)
                 mask = valid[:, None] & ch_mask[None, :]
                 token = b * S + start + cy * W + cx
