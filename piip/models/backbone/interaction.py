@@ -87,7 +87,8 @@ class Injector(nn.Module):
         self, query: torch.Tensor, query_grid: Grid, feat: torch.Tensor, feat_grid: Grid
     ) -> torch.Tensor:
         attended = self.attn(self.query_norm(query), query_grid, self.feat_norm(feat), feat_grid)
-        # addcmul: one pass over the tokens where `query + gamma * x` takes two (0.28 -> 0.12 ms at 3,136 x 384)
+        # addcmul: one pass over the tokens where `query + gamma * x` takes two
+        # (0.28 -> 0.12 ms at 3,136 x 384)
         query = torch.addcmul(query, self.ca_gamma, attended.to(query.dtype))
         if self.ffn is not None:
             update = self.drop_path(self.ffn(self.ffn_norm(query), query_grid))
