@@ -40,8 +40,8 @@ def multi_scale_deformable_sample(
         start += H * W
         # points before queries: the weighted sum over points then runs over whole rows of queries (summed
         # over a last dimension of P = 4, it cost more on CPU than the sampling itself); handed to grid_sample
-        # as one row of P * Nq points, which its CPU kernel runs in one pass (8.4 -> 5.4 ms for 16 heads x 4
-        # points x 9,604 queries, against 4 rows of Nq)
+        # as one row of P * Nq points, which its CPU kernel runs faster than P rows of Nq (this function for
+        # 16 heads x 4 points x 9,604 queries, steps interleaved: 14.2 -> 11.1 ms)
         grid = (2 * locations[:, :, :, level] - 1).permute(0, 2, 3, 1, 4).reshape(B * heads, 1, P * Nq, 2)
         samples = F.grid_sample(level_value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         samples = samples.view(B * heads, d, P, Nq)
